@@ -1,0 +1,194 @@
+"""The whole transformer in one file: a Llama-style decoder (the architecture of MiniMind2).
+
+    tokens -> embedding -> n_layers x [x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> head
+
+Pre-norm blocks, rotary position embeddings (RoPE), grouped-query attention (GQA), SwiGLU feed-forward, and an
+output head tied to the embedding. Parameter names follow MiniMind2/Meta-Llama (tok_embeddings, attention.wq,
+feed_forward.w1, ...) so the code is easy to compare with theirs.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (https://arxiv.org/abs/1910.07467): LayerNorm without the mean and the bias.
+    Computed in float32 even under bf16 autocast: the mean of squares is where low precision hurts."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim, length, theta, device=None):
+    """cos and sin tables of shape (length, head_dim) for rotary embeddings (https://arxiv.org/abs/2104.09864).
+
+    Rotate-half layout (as in Hugging Face's Llama): dimension i is paired with i + head_dim/2, both rotated by
+    the angle pos * theta^(-2i/head_dim). So the frequencies are laid out [f_0..f_{d/2-1}, f_0..f_{d/2-1}]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) of x (B, heads, T, head_dim) by their position's angle."""
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated_half * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer per layer, so decoding a new token
+    costs attention over the cache instead of a forward over the whole prefix."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0          # number of positions filled (the same for every layer)
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, kv_heads, T, hd) for `layer`; return all keys and values so far."""
+        start, end = self.pos, self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer_id, k, v)
+
+        # GQA: each group of n_heads / n_kv_heads query heads reads the same key/value head. expand() makes
+        # a view; reshape copies it into the layout scaled_dot_product_attention expects.
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k[:, :, None].expand(B, self.n_kv_heads, rep, k.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv_heads, rep, v.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
+
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:
+            # The usual case (training, or the prompt at chat time): causal attention, fused kernel, no mask.
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:
+            # One new token attends to every cached position: no mask needed.
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            # Several new tokens after a cached prefix: new token i sees the prefix and new tokens <= i.
+            # (is_causal would align the triangle to the top-left corner, which is wrong here.)
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(out))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x) (https://arxiv.org/abs/2002.05202)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)   # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)   # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)   # up
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache=None):
+        # Pre-norm: the residual stream x is never normalised in place, so gradients flow straight through.
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            # One matrix both reads tokens in and scores them out: saves vocab*dim parameters (4.9M of the
+            # 104M model) and works well for small models.
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Not persistent: derived from the config, so checkpoints hold only learned weights.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2's initialisation, in one place: every matrix ~ N(0, 0.02); the two projections that write
+        into the residual stream (attention.wo, feed_forward.w2) are scaled down by 1/sqrt(2 * n_layers), so
+        the stream's variance stays ~constant however deep the model is; norms start at 1."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
+
+    def forward(self, input_ids, cache=None):
+        """input_ids (B, T) -> logits (B, T, vocab). With a KVCache, positions continue after the cache."""
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.rope_cos.shape[0]:  # longer than any context seen so far: extend the tables
+            cos, sin = rope_tables(self.cfg.head_dim, 2 * (start + T), self.cfg.rope_theta, input_ids.device)
+            self.rope_cos, self.rope_sin = cos, sin
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # float32 tables
+        x = self.dropout(self.tok_embeddings(input_ids))
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.output(self.norm(x))
