@@ -11,17 +11,10 @@ from dataset.pretrain import PretrainDataset, collate_blocks
 from model import ModelConfig, Transformer
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
-from trainer.losses import next_token_loss
+from trainer.evaluate import held_out_loss
+from trainer.losses import language_model_loss
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
-
-
-def pretrain_loss(model, batch, autocast):
-    """Every position predicts the next token: no mask."""
-    with autocast():
-        logits = model(batch["input_ids"])
-    loss_sum, n_tokens = next_token_loss(logits, batch["targets"])
-    return loss_sum, n_tokens, {}
 
 
 def main():
@@ -38,12 +31,18 @@ def main():
         describe_model(model, dist)
         seed_rank(args, dist)
 
-        data = PretrainDataset(args.data_path, tokenizer, args.max_seq_len,
-                               args.cache_dir or os.path.join(args.out_dir, "cache"), dist, args.skip_bad_lines)
+        cache_dir = args.cache_dir or os.path.join(args.out_dir, "cache")
+        data = PretrainDataset(args.data_path, tokenizer, args.max_seq_len, cache_dir, dist, args.skip_bad_lines)
         dist.print(f"data: {len(data.paths)} file(s), {data.total_tokens:,} tokens in {len(data)} blocks of "
                    f"{args.max_seq_len}" + (f"; skipped {data.bad_lines} bad lines" if data.bad_lines else ""))
-        stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_blocks, loss_fn=pretrain_loss,
-                      terms_per_step=args.batch_size * args.max_seq_len * args.accumulation_steps)
+        evaluate = None
+        if args.eval_path:
+            eval_data = PretrainDataset(args.eval_path, tokenizer, args.max_seq_len, cache_dir, dist)
+            evaluate = lambda m: held_out_loss(m, eval_data, collate_blocks, language_model_loss, args.batch_size,
+                                               dist, precision)
+        stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_blocks, loss_fn=language_model_loss,
+                      terms_per_step=args.batch_size * args.max_seq_len * args.accumulation_steps,
+                      evaluate=evaluate)
         run_training(model, stage, args, dist, precision)
     finally:
         finish()

@@ -106,6 +106,35 @@ class JsonlIndex:
         path, off, _ = self.raw(i)
         return f"{path}:{self.line_number(path, off)}"
 
+    def scan(self, check, skip_bad_lines=False):
+        """Validate every record in one sequential pass: check(obj) raises DataError(message) for a bad one.
+        Returns (indices of the good records, number of bad ones, first bad message). Without skip_bad_lines
+        the first bad record raises DataError('file:line: message')."""
+        good, bad, first_bad = [], 0, None
+        for file_idx, path in enumerate(self.paths):
+            k = int(self.cum[file_idx])
+            with open(path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line == b"\n":  # empty lines are not records (see line_offsets)
+                        continue
+                    try:
+                        try:
+                            obj = json.loads(line)
+                        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                            raise DataError(f"invalid JSON ({e})")
+                        if not isinstance(obj, dict):
+                            raise DataError(f"expected a JSON object, got {type(obj).__name__}")
+                        check(obj)
+                        good.append(k)
+                    except DataError as e:
+                        err = DataError(f"{path}:{lineno}: {e}")
+                        if not skip_bad_lines:
+                            raise err from None
+                        bad += 1
+                        first_bad = first_bad or str(err)
+                    k += 1
+        return np.array(good, dtype=np.int64), bad, first_bad
+
     def __getstate__(self):  # file handles do not pickle; each worker opens its own
         state = dict(self.__dict__)
         state["_files"] = {}

@@ -5,3 +5,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """out_dir holding a tiny pretrained model (pretrain_64.pth), trained once per test session."""
+    from tests.helpers import TINY, run_script
+    out = tmp_path_factory.mktemp("pretrained")
+    run_script("train_pretrain.py", *TINY, "--max_seq_len", "128", "--batch_size", "16", "--max_steps", "60",
+               "--learning_rate", "3e-3", "--warmup_iters", "5", "--out_dir", out, "--no_progress", "--device", "cpu")
+    return out

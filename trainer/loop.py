@@ -42,7 +42,7 @@ class Stage:
     collate_fn: object
     loss_fn: object
     terms_per_step: float
-    evaluate: object = None      # optional: evaluate(model) -> dict of held-out metrics, run at the end
+    evaluate: object = None      # optional: evaluate(model) -> dict of held-out metrics, run before and after
     log_decimals: int = 4
     extra_state: dict = field(default_factory=dict)   # saved into every checkpoint (e.g. the stage's flags)
 
@@ -172,8 +172,12 @@ def run_training(model, stage: Stage, args, dist, precision):
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc=stage.name, dynamic_ncols=True)
 
+    if stage.evaluate is not None and start_step == 0:
+        results = stage.evaluate(model)
+        logger.log({"step": 0, "phase": "before", **results})
+        dist.print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     stop = StopRequest()
-    skipped, tokens_seen, last_step = 0, 0, start_step
+    skipped, dropped, tokens_seen, last_step = 0, 0, 0, start_step
     model.train()
     t_log, tokens_since_log = time.time(), 0
     try:
@@ -182,7 +186,7 @@ def run_training(model, stage: Stage, args, dist, precision):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            n_terms, step_tokens, metric_sums = 0, 0, {}
+            n_terms, step_tokens, n_dropped, metric_sums = 0, 0, 0, {}
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 last = i == len(micro_batches) - 1
@@ -194,15 +198,17 @@ def run_training(model, stage: Stage, args, dist, precision):
                 loss_sum += loss.detach().double()
                 n_terms += n
                 step_tokens += batch["input_ids"].numel()
+                n_dropped += batch.get("n_dropped", 0)  # samples with nothing left to learn after truncation
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
             # One all-reduce for everything the step needs to know globally.
             keys = sorted(metric_sums)
-            packed = torch.tensor([loss_sum.item(), n_terms, step_tokens, float(stop.requested)]
+            packed = torch.tensor([loss_sum.item(), n_terms, step_tokens, float(stop.requested), n_dropped]
                                   + [metric_sums[k] for k in keys], dtype=torch.float64, device=device)
             dist.all_reduce_sum(packed)
-            g_loss, g_terms, g_tokens, g_stop = packed[:4].tolist()
-            g_metrics = {k: v / max(g_terms, 1) for k, v in zip(keys, packed[4:].tolist())}
+            g_loss, g_terms, g_tokens, g_stop, g_dropped = packed[:5].tolist()
+            g_metrics = {k: v / max(g_terms, 1) for k, v in zip(keys, packed[5:].tolist())}
+            dropped += int(g_dropped)
             mean_loss = g_loss / max(g_terms, 1)
 
             grad_norm = None
@@ -233,7 +239,7 @@ def run_training(model, stage: Stage, args, dist, precision):
                 t_log, tokens_since_log = time.time(), 0
                 record = {"step": step, "epoch": step // plan.steps_per_epoch, "loss": round(mean_loss, 6),
                           "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tps, 1), "tokens": tokens_seen,
-                          "skipped_steps": skipped, **{k: round(v, 6) for k, v in g_metrics.items()}}
+                          "skipped_steps": skipped, "dropped_samples": dropped, **{k: round(v, 6) for k, v in g_metrics.items()}}
                 logger.log(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.{stage.log_decimals}f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
@@ -252,9 +258,10 @@ def run_training(model, stage: Stage, args, dist, precision):
             bar.close()
     if stage.evaluate is not None:
         results = stage.evaluate(model)
-        logger.log({"step": last_step, **results})
-        dist.print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        logger.log({"step": last_step, "phase": "after", **results})
+        dist.print("held-out after training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     logger.finish()
-    dist.print(f"saved {out_path} ({last_step} steps, {tokens_seen} tokens, {skipped} skipped steps)")
+    dist.print(f"saved {out_path} ({last_step} steps, {tokens_seen:,} tokens, {skipped} skipped steps, "
+               f"{dropped} samples dropped as truncated away)")
     return out_path
 

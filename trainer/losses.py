@@ -20,3 +20,13 @@ def next_token_loss(logits, targets, loss_mask=None):
         return per_token.sum(), targets.numel()
     mask = loss_mask.flatten().float()
     return (per_token * mask).sum(), int(mask.sum().item())
+
+
+def language_model_loss(model, batch, autocast):
+    """The stage loss of pretraining and SFT, in the shape the training loop expects:
+    (loss sum, number of supervised tokens, extra metric sums). Pretraining batches carry no loss_mask
+    (every token is a target); SFT batches mask everything but the assistant's answers."""
+    with autocast():
+        logits = model(batch["input_ids"])
+    loss_sum, n_tokens = next_token_loss(logits, batch["targets"], batch.get("loss_mask"))
+    return loss_sum, n_tokens, {}

@@ -1,0 +1,67 @@
+"""Stage 2: supervised fine-tuning (SFT). Learn to answer in the chat format: the loss covers only the
+assistant's answers (and the </s> ending each), never the system prompt or the user's words.
+
+    python train_full_sft.py                                                    # demo data, from pretrain
+    torchrun --nproc_per_node 2 train_full_sft.py --data_path sft_512.jsonl --n_layers 16 --dim 768
+    torchrun --nproc_per_node 2 train_full_sft.py --data_path sft_1024.jsonl --max_seq_len 1024 \
+        --init_from out/full_sft_768.pth                                        # SFT-1024 after SFT-512
+    python train_full_sft.py --show_sample                                      # see what is supervised
+
+Starts from {out_dir}/pretrain_{dim}.pth (or --init_from any stage output); the model config comes from that
+checkpoint. Writes {out_dir}/full_sft_{dim}.pth.
+"""
+
+from dataset.chat import DEFAULT_SYSTEM_PROMPT, show_sample
+from dataset.sft import SFTDataset, collate_sft
+from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from trainer.args import base_parser, model_flags
+from trainer.checkpoint import load_model, stage_path
+from trainer.evaluate import held_out_loss
+from trainer.losses import language_model_loss
+from trainer.loop import Stage, run_training
+from trainer.setup import describe_model, finish, seed_rank, start
+
+
+def main():
+    parser = base_parser(__doc__, stage="full_sft", lr=5e-5, epochs=2, batch_size=16, max_seq_len=512,
+                         data_path="dataset/demo/sft_*.jsonl")
+    parser.add_argument("--init_from", default=None, help="checkpoint to start from "
+                        "(default: {out_dir}/pretrain_{dim}.pth, dim from --dim or 512)")
+    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
+                        help="system prompt for conversations that have none ('' for none)")
+    parser.add_argument("--show_sample", action="store_true", help="print one rendered sample and exit")
+    args = parser.parse_args()
+    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
+    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None, args.skip_bad_lines)
+    if args.show_sample:
+        ids, mask = data.render(0)
+        print(show_sample(tokenizer, ids, mask))
+        print(f"\n{len(ids)} tokens, {sum(mask)} supervised (green, in [[ ]])")
+        return
+
+    dist, precision = start(args)
+    try:
+        init_from = args.init_from or stage_path(args.out_dir, "pretrain", args.dim or 512)
+        model, cfg, _ = load_model(init_from, model_flags(args), stage_hint=(
+            "It is written by pretraining: python train_pretrain.py --dim ... --n_layers ... "
+            "(or pass --init_from PATH)"))
+        dist.print(f"initialised from {init_from}")
+        describe_model(model, dist)
+        seed_rank(args, dist)
+        dist.print(f"data: {len(data)} conversations" + (f"; skipped {data.bad_lines} bad lines "
+                   f"(first: {data.first_bad})" if data.bad_lines else ""))
+        evaluate = None
+        if args.eval_path:
+            eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
+            evaluate = lambda m: held_out_loss(m, eval_data, collate_sft, language_model_loss, args.batch_size,
+                                               dist, precision)
+        stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
+                      terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
+                      evaluate=evaluate)
+        run_training(model, stage, args, dist, precision)
+    finally:
+        finish()
+
+
+if __name__ == "__main__":
+    main()
