@@ -17,3 +17,15 @@ def tiny_pretrained(tmp_path_factory):
     run_script("train_pretrain.py", *TINY, "--max_seq_len", "128", "--batch_size", "16", "--max_steps", "60",
                "--learning_rate", "3e-3", "--warmup_iters", "5", "--out_dir", out, "--no_progress", "--device", "cpu")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_pretrained, tmp_path_factory):
+    """out_dir holding the tiny pretrained model and a tiny SFT model (full_sft_64.pth) made from it."""
+    import shutil
+    from tests.helpers import run_script
+    out = tmp_path_factory.mktemp("sft")
+    shutil.copy(tiny_pretrained / "pretrain_64.pth", out / "pretrain_64.pth")
+    run_script("train_full_sft.py", "--dim", "64", "--max_seq_len", "128", "--batch_size", "16", "--max_steps", "40",
+               "--learning_rate", "2e-3", "--out_dir", out, "--no_progress", "--device", "cpu")
+    return out

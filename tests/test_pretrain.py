@@ -142,3 +142,36 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
     a = torch.load(tmp_path / "full" / "pretrain_64.pth", weights_only=False)["model"]
     b = torch.load(out / "pretrain_64.pth", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_skips_the_step_and_never_touches_the_weights(tmp_path):
+    """A loss that turns NaN is counted and skipped: no NaN ever reaches the weights, training goes on."""
+    from types import SimpleNamespace
+    from model import ModelConfig, Transformer
+    from trainer.distributed import DistInfo
+    from trainer.loop import Stage, run_training
+    from trainer.losses import language_model_loss
+    from trainer.precision import setup_precision
+    from trainer.args import base_parser
+
+    data = [{"input_ids": torch.randint(3, 100, (8,)), "targets": torch.randint(3, 100, (8,))} for _ in range(16)]
+    calls = {"n": 0}
+
+    def poisoned(model, batch, autocast):
+        loss, n, m = language_model_loss(model, batch, autocast)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), n, m
+
+    args = base_parser("", stage="t", lr=1e-2, epochs=1, batch_size=4, max_seq_len=8, data_path="").parse_args(
+        ["--out_dir", str(tmp_path), "--no_progress", "--log_interval", "1"])
+    dist = DistInfo(0, 0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=100))
+    stage = Stage("t", data, lambda s: {k: torch.stack([x[k] for x in s]) for k in s[0]}, poisoned, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_training(model, stage, args, dist, setup_precision("float32", dist.device))
+    log = read_log(tmp_path / "t_32_log.jsonl")
+    assert [r["skipped_steps"] for r in log] == [0, 0, 1, 1]
+    assert log[2]["grad_norm"] is None
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
