@@ -17,8 +17,9 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
+# Finished stages are skipped on a second run; `make demo FORCE=1` redoes them all.
 demo: $(STAMP)
-	$(PYTHON) train_pretrain.py --device cpu
+	$(PYTHON) demo.py $(if $(filter 1,$(FORCE)),--force)
 
 clean:
 	rm -rf out

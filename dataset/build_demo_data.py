@@ -21,8 +21,9 @@ Sources and licenses (full notices in dataset/demo/LICENSES.md):
 Identity data (*_identity.jsonl) is written here, by us.
 
 Output: for each source S, pretrain_S.jsonl ({"text"}), sft_S.jsonl ({"conversations"}), dpo_S.jsonl
-({"chosen", "rejected"}) and eval_S.jsonl (held-out questions in the SFT format). Held-out entries (words,
-poems) are removed from every training file, so the eval files measure generalisation, not recall.
+({"chosen", "rejected"}), eval_S.jsonl (held-out questions in the SFT format) and evaltext_S.jsonl (the
+held-out entries as {"text"}, for a held-out pretraining loss). Held-out entries (words, poems) are removed
+from every training file, so the eval files measure generalisation, not recall.
 Everything is deterministic for a given --seed and size knobs.
 """
 import argparse
@@ -173,20 +174,23 @@ def build_wordnet(wn_dir, rng, n_pretrain, n_sft, n_eval, n_dpo):
     held_out_synsets = {syn for _, _, syn in eval_words}
 
     # Pretraining text: one line per frequent synset, minus the held-out ones.
-    ranked = sorted(counts, key=lambda s: (-counts[s], s))
-    pretrain = []
-    for syn_id in ranked:
-        if syn_id in held_out_synsets or not synsets[syn_id]["definition"]:
-            continue
-        s = synsets[syn_id]
+    def entry_text(s):
         text = f'{s["words"][0]} ({POS_NAME[s["pos"]]}): {s["definition"]}.'
         if s["examples"]:
             text += " Example: " + "; ".join(f'"{e}"' for e in s["examples"][:2]) + "."
         if len(s["words"]) > 1:
             text += " Also called: " + ", ".join(s["words"][1:4]) + "."
-        pretrain.append({"text": text})
+        return {"text": text}
+
+    ranked = sorted(counts, key=lambda s: (-counts[s], s))
+    pretrain = []
+    for syn_id in ranked:
+        if syn_id in held_out_synsets or not synsets[syn_id]["definition"]:
+            continue
+        pretrain.append(entry_text(synsets[syn_id]))
         if len(pretrain) >= n_pretrain:
             break
+    eval_text = [entry_text(synsets[syn]) for _, _, syn in eval_words]
 
     def question(lemma, pos):
         return rng.choice(EN_QUESTIONS).format(w=lemma, pos=pos)
@@ -208,7 +212,7 @@ def build_wordnet(wn_dir, rng, n_pretrain, n_sft, n_eval, n_dpo):
         wrong = dict(synsets[other], words=[lemma] + synsets[other]["words"])
         dpo.append(dpo_pair(question(lemma, pos), wordnet_answer(lemma, synsets[syn]),
                             wordnet_answer(lemma, wrong)))
-    return pretrain, sft, dpo, eval_
+    return pretrain, sft, dpo, eval_, eval_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,7 +323,8 @@ def build_cedict(cedict_path, freq_path, rng, n_words, n_eval, n_dpo):
         if d2 == d:
             continue
         dpo.append(dpo_pair(q, good, cedict_answer(w, r, d2, k)))
-    return pretrain, sft, dpo, eval_
+    eval_text = [{"text": cedict_answer(w, r, d, 0)} for w, r, d in held]
+    return pretrain, sft, dpo, eval_, eval_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -415,7 +420,8 @@ def build_poetry(dist, rng, n_eval):
                     dpo.append(dpo_pair(f"「{a}」的下一句是什么？", f"下一句是「{b}」，出自{src}。",
                                         f"下一句是「{wrong}」，出自{src}。"))
                 break  # one pair per poem
-    return pretrain, sft, dpo, eval_
+    eval_text = [{"text": poem_header(p) + "\n" + p["body"]} for p in held]
+    return pretrain, sft, dpo, eval_, eval_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -469,7 +475,7 @@ def main():
     ap.add_argument("--src", default="src", help="folder holding the downloaded sources")
     ap.add_argument("--out", default=os.path.join(HERE, "demo"))
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--wordnet_pretrain", type=int, default=6000, help="synsets in pretrain_wordnet")
+    ap.add_argument("--wordnet_pretrain", type=int, default=5800, help="synsets in pretrain_wordnet")
     ap.add_argument("--wordnet_sft", type=int, default=3500, help="words asked about in sft_wordnet")
     ap.add_argument("--cedict_words", type=int, default=4000, help="words in the CEDICT files")
     ap.add_argument("--dpo_pairs", type=int, default=800, help="DPO pairs per dictionary source")
@@ -487,11 +493,12 @@ def main():
                                args.cedict_words, args.eval_words, args.dpo_pairs),
         "poetry": build_poetry(os.path.join(src, "package/dist"), random.Random(args.seed + 2), args.eval_poems),
     }
-    for name, (pretrain, sft, dpo, eval_) in parts.items():
+    for name, (pretrain, sft, dpo, eval_, eval_text) in parts.items():
         write_jsonl(os.path.join(args.out, f"pretrain_{name}.jsonl"), pretrain)
         write_jsonl(os.path.join(args.out, f"sft_{name}.jsonl"), sft)
         write_jsonl(os.path.join(args.out, f"dpo_{name}.jsonl"), dpo)
         write_jsonl(os.path.join(args.out, f"eval_{name}.jsonl"), eval_)
+        write_jsonl(os.path.join(args.out, f"evaltext_{name}.jsonl"), eval_text)
     sft, dpo, eval_ = build_identity(random.Random(args.seed + 3))
     write_jsonl(os.path.join(args.out, "sft_identity.jsonl"), sft)
     write_jsonl(os.path.join(args.out, "dpo_identity.jsonl"), dpo)

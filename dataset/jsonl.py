@@ -16,8 +16,30 @@ class DataError(ValueError):
     """Bad input data. The message starts with `file:line:` so an editor can jump to it."""
 
 
+def parse_line(line):
+    """One JSONL line (bytes) -> a dict; DataError saying what is wrong (the caller adds file:line)."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def numbered_lines(path):
+    """(line number, bytes) of every record line of a file: empty lines are skipped, as in line_offsets."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line != b"\n":
+                yield lineno, line
+
+
 def expand_paths(spec):
-    """'a.jsonl,dir/*.jsonl' or a list of such -> sorted, de-duplicated existing file paths."""
+    """'a.jsonl,dir/*.jsonl' or a list of such -> existing file paths, each glob sorted.
+
+    A file named again in a later entry is read again: that is how to upsample a small file
+    ('sft_*.jsonl,sft_identity.jsonl' reads sft_identity.jsonl twice). Within one glob each file counts once."""
     parts = spec if isinstance(spec, (list, tuple)) else [spec]
     paths = []
     for part in parts:
@@ -31,8 +53,7 @@ def expand_paths(spec):
             for m in matches:
                 if not os.path.isfile(m):
                     raise FileNotFoundError(f"data file not found: {m}")
-                if m not in paths:
-                    paths.append(m)
+                paths.append(m)
     if not paths:
         raise FileNotFoundError(f"no data files in {spec!r}")
     return paths
@@ -94,12 +115,9 @@ class JsonlIndex:
     def __getitem__(self, i):
         path, off, line = self.raw(i)
         try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}:{self.line_number(path, off)}: invalid JSON ({e.msg if hasattr(e, 'msg') else e})")
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{self.line_number(path, off)}: expected a JSON object, got {type(obj).__name__}")
-        return obj
+            return parse_line(line)
+        except DataError as e:
+            raise DataError(f"{path}:{self.line_number(path, off)}: {e}") from None
 
     def where(self, i):
         """'file:line' of record i, for error messages."""
@@ -112,27 +130,18 @@ class JsonlIndex:
         the first bad record raises DataError('file:line: message')."""
         good, bad, first_bad = [], 0, None
         for file_idx, path in enumerate(self.paths):
-            k = int(self.cum[file_idx])
-            with open(path, "rb") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line == b"\n":  # empty lines are not records (see line_offsets)
-                        continue
-                    try:
-                        try:
-                            obj = json.loads(line)
-                        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                            raise DataError(f"invalid JSON ({e})")
-                        if not isinstance(obj, dict):
-                            raise DataError(f"expected a JSON object, got {type(obj).__name__}")
-                        check(obj)
-                        good.append(k)
-                    except DataError as e:
-                        err = DataError(f"{path}:{lineno}: {e}")
-                        if not skip_bad_lines:
-                            raise err from None
-                        bad += 1
-                        first_bad = first_bad or str(err)
-                    k += 1
+            k = int(self.cum[file_idx])  # record number of the file's first line
+            for lineno, line in numbered_lines(path):
+                try:
+                    check(parse_line(line))
+                    good.append(k)
+                except DataError as e:
+                    err = DataError(f"{path}:{lineno}: {e}")
+                    if not skip_bad_lines:
+                        raise err from None
+                    bad += 1
+                    first_bad = first_bad or str(err)
+                k += 1
         return np.array(good, dtype=np.int64), bad, first_bad
 
     def __getstate__(self):  # file handles do not pickle; each worker opens its own
@@ -144,14 +153,9 @@ class JsonlIndex:
 def iter_jsonl(paths):
     """Stream (where, object) over every record of the files, in order, one line in memory at a time."""
     for path in expand_paths(paths):
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})")
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield f"{path}:{lineno}", obj
+        for lineno, line in numbered_lines(path):
+            try:
+                obj = parse_line(line)
+            except DataError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from None
+            yield f"{path}:{lineno}", obj

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from dataset.jsonl import DataError, expand_paths
+from dataset.jsonl import DataError, expand_paths, numbered_lines, parse_line
 from model.tokenizer import BOS_ID, EOS_ID
 
 
@@ -29,17 +29,15 @@ def _cache_key(path, tokenizer):
     return h.hexdigest()[:16]
 
 
-def document_text(obj, where):
-    """The `text` field of one line, validated."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+def document_text(obj):
+    """The `text` field of one record, validated (DataError says what is wrong)."""
     if "text" not in obj:
-        raise DataError(f"{where}: missing field 'text'")
+        raise DataError("missing field 'text'")
     text = obj["text"]
     if not isinstance(text, str):
-        raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+        raise DataError(f"field 'text' must be a string, got {type(text).__name__}")
     if not text.strip():
-        raise DataError(f"{where}: field 'text' is empty")
+        raise DataError("field 'text' is empty")
     return text
 
 
@@ -58,24 +56,19 @@ def tokenize_file(path, tokenizer, out_path, skip_bad_lines=False, lines_per_bat
             stats["tokens"] += len(arr)
         stats["documents"] += len(texts)
 
-    with open(path, "rb") as f, open(tmp, "wb") as out:
+    with open(tmp, "wb") as out:
         texts = []
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for lineno, line in numbered_lines(path):
             try:
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})")
-                texts.append(document_text(obj, f"{path}:{lineno}"))
+                texts.append(document_text(parse_line(line)))
             except DataError as e:
+                err = DataError(f"{path}:{lineno}: {e}")
                 if not skip_bad_lines:
                     out.close()
                     os.remove(tmp)
-                    raise
+                    raise err from None
                 stats["bad_lines"] += 1
-                stats["first_bad"] = stats["first_bad"] or str(e)
+                stats["first_bad"] = stats["first_bad"] or str(err)
             if len(texts) >= lines_per_batch:
                 flush(texts, out)
                 texts = []
@@ -106,12 +99,12 @@ class PretrainDataset(torch.utils.data.Dataset):
                     tokenize_file(path, tokenizer, cache, skip_bad_lines)
         if dist is not None:
             dist.barrier()
-        self.stats = {}
+        self.stats = []  # per file named (a file named twice appears twice)
         self.tokens, self.block_starts = [], []  # per file: memmap, and the number of blocks before it
         n_blocks = 0
         for path, cache in zip(self.paths, caches):
             with open(cache + ".json") as f:
-                self.stats[path] = json.load(f)
+                self.stats.append(json.load(f))
             tokens = np.memmap(cache, dtype=np.uint16, mode="r") if os.path.getsize(cache) else np.zeros(0, np.uint16)
             self.tokens.append(tokens)
             self.block_starts.append(n_blocks)
@@ -122,11 +115,11 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     @property
     def bad_lines(self):
-        return sum(s["bad_lines"] for s in self.stats.values())
+        return sum(s["bad_lines"] for s in self.stats)
 
     @property
     def total_tokens(self):
-        return sum(s["tokens"] for s in self.stats.values())
+        return sum(s["tokens"] for s in self.stats)
 
     def __len__(self):
         return self.n_blocks

@@ -175,3 +175,14 @@ def test_non_finite_loss_skips_the_step_and_never_touches_the_weights(tmp_path):
     assert log[2]["grad_norm"] is None
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_file_named_twice_is_read_twice(tmp_path, tok):
+    from dataset.jsonl import JsonlIndex, expand_paths
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "three"}])
+    assert expand_paths(f"{tmp_path}/*.jsonl") == [f"{tmp_path}/a.jsonl", f"{tmp_path}/b.jsonl"]
+    spec = f"{tmp_path}/*.jsonl,{tmp_path}/b.jsonl"     # upsample b
+    assert len(JsonlIndex(spec)) == 4
+    assert PretrainDataset(spec, tok, 2, str(tmp_path / "cache")).total_tokens == \
+        PretrainDataset(f"{tmp_path}/*.jsonl", tok, 2, str(tmp_path / "cache")).total_tokens + len(tok.encode("three")) + 2

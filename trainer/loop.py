@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -141,11 +142,13 @@ def run_training(model, stage: Stage, args, dist, precision):
         """Rank 0 writes the stage checkpoint and the resume file; every rank contributes its RNG state."""
         rng = dist.all_gather_object(capture_rng())
         if dist.is_main:
-            payload = {**model_payload(model, stage.name, step), **stage.extra_state}
+            # The flags go in too (and the command line), so a checkpoint says how it was made.
+            payload = {**model_payload(model, stage.name, step), **stage.extra_state,
+                       "args": {**vars(args), "_argv": sys.argv[1:]}}
             atomic_save(payload, out_path)
             atomic_save({**payload, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // plan.steps_per_epoch, "world_size": dist.world_size,
-                         "rng": rng, "wandb_id": logger.wandb_id, "args": vars(args)}, res_path)
+                         "rng": rng, "wandb_id": logger.wandb_id}, res_path)
         dist.barrier()
 
     def step_batches(first_step):
