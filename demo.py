@@ -83,7 +83,7 @@ def plot(summaries, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    titles = {"pretrain": "pretraining", "full_sft": "SFT (answers only)", "rlhf": "DPO (identity pairs)"}
+    titles = {"pretrain": "pretraining", "full_sft": "SFT (answers only)", "rlhf": "DPO + NLL (identity pairs)"}
     for ax, (name, s) in zip(axes, summaries.items()):
         steps = [r for r in s["log"] if "loss" in r]
         ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")

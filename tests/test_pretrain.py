@@ -186,3 +186,13 @@ def test_a_file_named_twice_is_read_twice(tmp_path, tok):
     assert len(JsonlIndex(spec)) == 4
     assert PretrainDataset(spec, tok, 2, str(tmp_path / "cache")).total_tokens == \
         PretrainDataset(f"{tmp_path}/*.jsonl", tok, 2, str(tmp_path / "cache")).total_tokens + len(tok.encode("three")) + 2
+
+
+def test_wandb_offline_logs_and_the_run_id_is_kept_for_resume(tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    run_script("train_pretrain.py", *pretrain_args(str(tmp_path / "out"), "--max_steps", "3", "--use_wandb",
+                                                   "--wandb_project", "tinymind-test"), env=env)
+    run_id = torch.load(tmp_path / "out" / "pretrain_64_resume.pth", weights_only=False)["wandb_id"]
+    assert run_id
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
