@@ -99,16 +99,15 @@ class PretrainDataset(torch.utils.data.Dataset):
                     tokenize_file(path, tokenizer, cache, skip_bad_lines)
         if dist is not None:
             dist.barrier()
+        self.caches, self._maps = caches, None
         self.stats = []  # per file named (a file named twice appears twice)
-        self.tokens, self.block_starts = [], []  # per file: memmap, and the number of blocks before it
+        self.block_starts = []  # per file: the number of blocks before it
         n_blocks = 0
-        for path, cache in zip(self.paths, caches):
+        for cache in caches:
             with open(cache + ".json") as f:
                 self.stats.append(json.load(f))
-            tokens = np.memmap(cache, dtype=np.uint16, mode="r") if os.path.getsize(cache) else np.zeros(0, np.uint16)
-            self.tokens.append(tokens)
             self.block_starts.append(n_blocks)
-            n_blocks += max(0, (len(tokens) - 1) // max_seq_len)
+            n_blocks += max(0, (os.path.getsize(cache) // 2 - 1) // max_seq_len)
         self.n_blocks = n_blocks
         if self.n_blocks == 0:
             raise ValueError(f"{paths}: fewer than {max_seq_len + 1} tokens of text, not even one block")
@@ -124,10 +123,22 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.n_blocks
 
+    def tokens(self, f):
+        """File f's token cache, memory-mapped on first use in each process (a memmap sent to a DataLoader
+        worker by pickling would be copied whole; reopening it costs nothing)."""
+        if self._maps is None:
+            self._maps = {}
+        if f not in self._maps:
+            self._maps[f] = np.memmap(self.caches[f], dtype=np.uint16, mode="r")
+        return self._maps[f]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": None}
+
     def __getitem__(self, i):
         f = int(np.searchsorted(self.block_starts, i, side="right") - 1)
         start = (i - self.block_starts[f]) * self.max_seq_len
-        block = torch.from_numpy(self.tokens[f][start:start + self.max_seq_len + 1].astype(np.int64))
+        block = torch.from_numpy(self.tokens(f)[start:start + self.max_seq_len + 1].astype(np.int64))
         return {"input_ids": block[:-1], "targets": block[1:]}
 
 

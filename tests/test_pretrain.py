@@ -196,3 +196,10 @@ def test_wandb_offline_logs_and_the_run_id_is_kept_for_resume(tmp_path):
     assert run_id
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_dataloader_workers_give_the_same_run(tmp_path):
+    run_script("train_pretrain.py", *pretrain_args(str(tmp_path / "w0"), "--max_steps", "4"))
+    run_script("train_pretrain.py", *pretrain_args(str(tmp_path / "w2"), "--max_steps", "4", "--num_workers", "2"))
+    w0, w2 = (read_log(tmp_path / n / "pretrain_64_log.jsonl") for n in ("w0", "w2"))
+    assert [r["loss"] for r in w0] == [r["loss"] for r in w2]
