@@ -108,7 +108,8 @@ def main():
     parser = base_parser(__doc__, stage="rlhf", lr=2e-5, epochs=1, batch_size=8, max_seq_len=512,
                          data_path="dataset/demo/dpo_*.jsonl", save_interval=100)
     parser.add_argument("--init_from", default=None,
-                        help="the SFT model to start from (default: {out_dir}/full_sft_{dim}.pth, dim from --dim or 512)")
+                        help="the SFT model to start from "
+                             "(default: {out_dir}/full_sft_{dim}.pth, dim from --dim or 512)")
     parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     parser.add_argument("--loss_type", default="sigmoid", choices=DPO_LOSS_TYPES)
     parser.add_argument("--label_smoothing", type=float, default=0.0, help="assumed label-flip rate (robust)")
@@ -136,7 +137,12 @@ def main():
                           args.skip_bad_lines)
         dist.print(f"data: {len(data)} pairs" + (f"; skipped {data.bad_lines} bad lines (first: {data.first_bad})"
                                                   if data.bad_lines else ""))
+        eval_data = None
+        if args.eval_path:  # held-out preference pairs: their DPO loss before and after
+            eval_data = DPODataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
         if args.precompute_ref:
+            if eval_data is not None:
+                eval_data.ref_logps = precompute_reference(reference, eval_data, args, dist, precision)
             cache = reference_cache_path(args, data, init_from, tokenizer)
             if os.path.exists(cache):
                 data.ref_logps = torch.load(cache, weights_only=False)
@@ -152,6 +158,7 @@ def main():
                 torch.cuda.empty_cache()
         stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_pairs,
                       loss_fn=make_dpo_step(reference, args), terms_per_step=args.batch_size * args.accumulation_steps,
+                      eval_dataset=eval_data,
                       extra_state={"dpo": {"beta": args.beta, "loss_type": args.loss_type,
                                            "init_from": init_from, "data_path": args.data_path}})
         run_training(model, stage, args, dist, precision)

@@ -16,7 +16,6 @@ from dataset.sft import SFTDataset, collate_sft
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
 from trainer.checkpoint import load_model, stage_path
-from trainer.evaluate import held_out_loss
 from trainer.losses import language_model_loss
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
@@ -50,14 +49,12 @@ def main():
         seed_rank(args, dist)
         dist.print(f"data: {len(data)} conversations" + (f"; skipped {data.bad_lines} bad lines "
                    f"(first: {data.first_bad})" if data.bad_lines else ""))
-        evaluate = None
-        if args.eval_path:
+        eval_data = None
+        if args.eval_path:  # held-out conversations: their answer loss before and after
             eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
-            evaluate = lambda m: held_out_loss(m, eval_data, collate_sft, language_model_loss, args.batch_size,
-                                               dist, precision)
         stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
                       terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
-                      evaluate=evaluate)
+                      eval_dataset=eval_data)
         run_training(model, stage, args, dist, precision)
     finally:
         finish()

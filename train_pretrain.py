@@ -11,7 +11,6 @@ from dataset.pretrain import PretrainDataset, collate_blocks
 from model import ModelConfig, Transformer
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
-from trainer.evaluate import held_out_loss
 from trainer.losses import language_model_loss
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
@@ -35,14 +34,12 @@ def main():
         data = PretrainDataset(args.data_path, tokenizer, args.max_seq_len, cache_dir, dist, args.skip_bad_lines)
         dist.print(f"data: {len(data.paths)} file(s), {data.total_tokens:,} tokens in {len(data)} blocks of "
                    f"{args.max_seq_len}" + (f"; skipped {data.bad_lines} bad lines" if data.bad_lines else ""))
-        evaluate = None
-        if args.eval_path:
+        eval_data = None
+        if args.eval_path:  # held-out text: its loss before and after
             eval_data = PretrainDataset(args.eval_path, tokenizer, args.max_seq_len, cache_dir, dist)
-            evaluate = lambda m: held_out_loss(m, eval_data, collate_blocks, language_model_loss, args.batch_size,
-                                               dist, precision)
         stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_blocks, loss_fn=language_model_loss,
                       terms_per_step=args.batch_size * args.max_seq_len * args.accumulation_steps,
-                      evaluate=evaluate)
+                      eval_dataset=eval_data)
         run_training(model, stage, args, dist, precision)
     finally:
         finish()

@@ -47,7 +47,8 @@ def generate(model, prompt_ids, max_new_tokens=256, temperature=0.85, top_k=0, t
     model.eval()
     device = next(model.parameters()).device
     ids = list(prompt_ids)
-    cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, device, next(model.parameters()).dtype) if use_cache else None
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, device, dtype) if use_cache else None
     try:
         step_input = ids
         for _ in range(max_new_tokens):

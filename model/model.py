@@ -96,9 +96,9 @@ class Attention(nn.Module):
         # GQA: each group of n_heads / n_kv_heads query heads reads the same key/value head. expand() makes
         # a view; reshape copies it into the layout scaled_dot_product_attention expects.
         if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k[:, :, None].expand(B, self.n_kv_heads, rep, k.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
-            v = v[:, :, None].expand(B, self.n_kv_heads, rep, v.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
+            rep, S = self.n_heads // self.n_kv_heads, k.shape[2]
+            k = k[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
 
         dropout_p = self.dropout if self.training else 0.0
         if past == 0:

@@ -169,10 +169,15 @@ def test_precomputed_reference_equals_live(tmp_path, tiny_sft):
     for name, extra in (("live", []), ("pre", ["--precompute_ref"])):
         shutil.copytree(tiny_sft, tmp_path / name)
         run_script("train_dpo.py", *dpo_args(str(tmp_path / name), "--max_steps", "6", "--learning_rate", "1e-3",
-                                             "--data_path", "dataset/demo/dpo_wordnet.jsonl", *extra))
+                                             "--data_path", "dataset/demo/dpo_wordnet.jsonl",
+                                             "--eval_path", "dataset/demo/dpo_identity.jsonl", *extra))
     live, pre = (read_log(tmp_path / n / "rlhf_64_log.jsonl") for n in ("live", "pre"))
+    steps = lambda log: [r for r in log if "loss" in r]
     for key in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
-        np.testing.assert_allclose([r[key] for r in pre], [r[key] for r in live], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose([r[key] for r in steps(pre)], [r[key] for r in steps(live)], rtol=1e-4, atol=1e-5)
+    evals = lambda log: [r["eval_loss"] for r in log if "phase" in r]
+    assert abs(evals(live)[0] - math.log(2)) < 1e-6           # held-out pairs: ln 2 before any step
+    np.testing.assert_allclose(evals(pre), evals(live), rtol=1e-5)
     assert len(os.listdir(tmp_path / "pre" / "cache")) >= 1
 
 

@@ -7,7 +7,8 @@ def base_parser(description, *, stage, lr, epochs, batch_size, max_seq_len, data
     """A parser with the flags all stages share; each stage passes its own defaults and adds its own flags."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and output")
-    g.add_argument("--data_path", default=data_path, help="JSONL file(s): comma-separated, globs allowed; a file named twice is read twice")
+    g.add_argument("--data_path", default=data_path,
+                   help="JSONL file(s): comma-separated, globs allowed; a file named twice is read twice")
     g.add_argument("--eval_path", default=None, help="held-out JSONL: its loss is measured before and after")
     g.add_argument("--out_dir", default="out")
     g.add_argument("--save_name", default=stage, help=f"checkpoint prefix: {{out_dir}}/{{save_name}}_{{dim}}.pth")

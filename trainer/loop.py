@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from dataset.sampler import BatchPlan
 from trainer.checkpoint import atomic_save, model_payload, read_checkpoint, resume_path, stage_path, unwrap
+from trainer.evaluate import held_out_loss
 from trainer.metrics import MetricsLogger
 from trainer.schedule import lr_at
 
@@ -43,7 +44,7 @@ class Stage:
     collate_fn: object
     loss_fn: object
     terms_per_step: float
-    evaluate: object = None      # optional: evaluate(model) -> dict of held-out metrics, run before and after
+    eval_dataset: object = None  # optional held-out data: its mean loss is measured before and after training
     log_decimals: int = 4
     extra_state: dict = field(default_factory=dict)   # saved into every checkpoint (e.g. the stage's flags)
 
@@ -175,8 +176,12 @@ def run_training(model, stage: Stage, args, dist, precision):
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc=stage.name, dynamic_ncols=True)
 
-    if stage.evaluate is not None and start_step == 0:
-        results = stage.evaluate(model)
+    def evaluate():
+        return held_out_loss(model, stage.eval_dataset, stage.collate_fn, stage.loss_fn, args.batch_size, dist,
+                             precision)
+
+    if stage.eval_dataset is not None and start_step == 0:
+        results = evaluate()
         logger.log({"step": 0, "phase": "before", **results})
         dist.print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     stop = StopRequest()
@@ -242,7 +247,8 @@ def run_training(model, stage: Stage, args, dist, precision):
                 t_log, tokens_since_log = time.time(), 0
                 record = {"step": step, "epoch": step // plan.steps_per_epoch, "loss": round(mean_loss, 6),
                           "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tps, 1), "tokens": tokens_seen,
-                          "skipped_steps": skipped, "dropped_samples": dropped, **{k: round(v, 6) for k, v in g_metrics.items()}}
+                          "skipped_steps": skipped, "dropped_samples": dropped,
+                          **{k: round(v, 6) for k, v in g_metrics.items()}}
                 logger.log(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.{stage.log_decimals}f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
@@ -259,8 +265,8 @@ def run_training(model, stage: Stage, args, dist, precision):
         stop.restore()
         if bar is not None:
             bar.close()
-    if stage.evaluate is not None:
-        results = stage.evaluate(model)
+    if stage.eval_dataset is not None:
+        results = evaluate()
         logger.log({"step": last_step, "phase": "after", **results})
         dist.print("held-out after training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     logger.finish()
