@@ -160,7 +160,7 @@ def main():
         return text.replace("|", "\\|").replace("\n", " ⏎ ")
 
     device = "GPU (" + torch.cuda.get_device_name() + ")" if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    lines = [f"# TinyMind demo report", "",
+    lines = ["# TinyMind demo report", "",
              f"Model: {sft.num_parameters() / 1e6:.2f}M parameters (dim {args.dim}, {args.n_layers} layers, "
              f"{args.n_heads} heads / {args.n_kv_heads} kv heads, context {args.max_seq_len}), on {device}.", "",
              "| stage | wall time | steps | tokens seen | train loss (first → last) | held-out loss (before → after) |",

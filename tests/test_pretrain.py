@@ -137,8 +137,9 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
     run_script("train_pretrain.py", *pretrain_args(str(out), *args, "--resume"))
     resumed = read_log(log_path)
     assert [r["step"] for r in resumed] == list(range(400))
-    # Bit-exact on CPU float32: the same losses, not merely close ones.
+    # Bit-exact on CPU float32: the same losses, not merely close ones; the counters carry on.
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["tokens"] for r in resumed] == [r["tokens"] for r in full]
     a = torch.load(tmp_path / "full" / "pretrain_64.pth", weights_only=False)["model"]
     b = torch.load(out / "pretrain_64.pth", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -146,7 +147,6 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
 
 def test_non_finite_loss_skips_the_step_and_never_touches_the_weights(tmp_path):
     """A loss that turns NaN is counted and skipped: no NaN ever reaches the weights, training goes on."""
-    from types import SimpleNamespace
     from model import ModelConfig, Transformer
     from trainer.distributed import DistInfo
     from trainer.loop import Stage, run_training

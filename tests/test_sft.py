@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.chat import ChatFormatError, DEFAULT_SYSTEM_PROMPT, render_chat, show_sample
+from dataset.chat import ChatFormatError, DEFAULT_SYSTEM_PROMPT, render_chat
 from dataset.jsonl import DataError
 from dataset.sft import SFTDataset, collate_sft
 from model.tokenizer import BOS_ID, EOS_ID, Tokenizer

@@ -43,7 +43,7 @@ def clean_state_dict(state_dict):
 def unwrap(model):
     """The plain Transformer inside DDP and/or torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model
 
 

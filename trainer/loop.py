@@ -112,6 +112,7 @@ def run_training(model, stage: Stage, args, dist, precision):
     scaler = precision.grad_scaler()
 
     start_step, wandb_id = 0, None
+    counters = {"tokens": 0, "skipped_steps": 0, "dropped_samples": 0}  # cumulative, carried across a resume
     if args.resume:
         if not os.path.exists(res_path):
             raise FileNotFoundError(f"--resume: no resume file {res_path}")
@@ -121,7 +122,7 @@ def run_training(model, stage: Stage, args, dist, precision):
         unwrap(model).load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_step, wandb_id = state["step"], state.get("wandb_id")
+        start_step, wandb_id, counters = state["step"], state.get("wandb_id"), state["counters"]
         if state["world_size"] == dist.world_size:
             restore_rng(state["rng"][dist.rank])
         else:
@@ -149,7 +150,9 @@ def run_training(model, stage: Stage, args, dist, precision):
             atomic_save(payload, out_path)
             atomic_save({**payload, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // plan.steps_per_epoch, "world_size": dist.world_size,
-                         "rng": rng, "wandb_id": logger.wandb_id}, res_path)
+                         "rng": rng, "wandb_id": logger.wandb_id,
+                         "counters": {"tokens": tokens_seen, "skipped_steps": skipped, "dropped_samples": dropped}},
+                        res_path)
         dist.barrier()
 
     def step_batches(first_step):
@@ -185,7 +188,8 @@ def run_training(model, stage: Stage, args, dist, precision):
         logger.log({"step": 0, "phase": "before", **results})
         dist.print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     stop = StopRequest()
-    skipped, dropped, tokens_seen, last_step = 0, 0, 0, start_step
+    tokens_seen, skipped, dropped = counters["tokens"], counters["skipped_steps"], counters["dropped_samples"]
+    last_step = start_step
     model.train()
     t_log, tokens_since_log = time.time(), 0
     try:
