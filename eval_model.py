@@ -150,4 +150,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # e.g. `python eval_model.py --auto | head`: the reader left, stop quietly
+        sys.stderr.close()
