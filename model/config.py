@@ -2,6 +2,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 
+class ConfigError(ValueError):
+    """A model shape that cannot be built (e.g. dim not divisible by n_heads): a user mistake, one line."""
+
+
 @dataclass
 class ModelConfig:
     """Everything that defines the network's shape. Saved inside every checkpoint, so later stages and
@@ -25,11 +29,11 @@ class ModelConfig:
             # Integer arithmetic: 8 * dim / 3 in floats can land a hair above a multiple of 64.
             self.hidden_dim = 64 * ((8 * self.dim + 3 * 64 - 1) // (3 * 64))
         if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"--dim {self.dim} must be divisible by --n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} must be divisible by n_kv_heads {self.n_kv_heads}")
+            raise ConfigError(f"--n_heads {self.n_heads} must be divisible by --n_kv_heads {self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError("head_dim (dim / n_heads) must be even for rotary embeddings")
+            raise ConfigError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for rotary embeddings")
 
     @property
     def head_dim(self):
@@ -43,7 +47,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+            raise ConfigError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
 
 

@@ -7,11 +7,17 @@
 Both are written atomically (temporary file, then rename), so a crash mid-write never leaves a truncated
 checkpoint behind. Loads are strict: a missing or unexpected key is an error, never silently skipped.
 """
+import glob
 import os
 
 import torch
 
 from model import ARCH_FIELDS, ModelConfig, Transformer
+from trainer.cli import UserError
+
+# What writes each stage's checkpoint, for "not found" messages.
+STAGE_COMMANDS = {"pretrain": "python train_pretrain.py", "full_sft": "python train_full_sft.py",
+                  "rlhf": "python train_dpo.py"}
 
 
 def stage_path(out_dir, stage, dim):
@@ -22,11 +28,44 @@ def resume_path(out_dir, stage, dim):
     return os.path.join(out_dir, f"{stage}_{dim}_resume.pth")
 
 
+def stage_checkpoints(out_dir, stage):
+    """The stage outputs {out_dir}/{stage}_{dim}.pth that exist (resume files excluded), sorted."""
+    paths = glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(stage)}_*.pth"))
+    return sorted(p for p in paths if os.path.basename(p)[len(stage) + 1:-4].isdigit())
+
+
+def find_stage_checkpoint(out_dir, stage, dim=None, flag="--init_from"):
+    """The checkpoint a later stage starts from when none is named: {out_dir}/{stage}_{dim}.pth for a given
+    --dim, else the single {stage}_*.pth in out_dir. None found or several: a UserError saying which exist
+    and which flag picks one (MiniMind2 defaulted to dim 512 and failed next to full_sft_128.pth)."""
+    found = stage_checkpoints(out_dir, stage)
+    if dim is not None:
+        path = stage_path(out_dir, stage, dim)
+        if os.path.isfile(path):
+            return path
+        others = f"; {out_dir} has {', '.join(found)} (drop --dim to use it)" if len(found) == 1 else (
+            f"; {out_dir} has {', '.join(found)}" if found else "")
+        raise UserError(f"checkpoint not found: {path}{others}. It is written by `{STAGE_COMMANDS.get(stage, stage)} "
+                        f"--dim {dim} --out_dir {out_dir}`, or pass {flag} PATH")
+    if len(found) == 1:
+        return found[0]
+    if found:
+        dims = ", ".join(os.path.basename(p)[len(stage) + 1:-4] for p in found)
+        raise UserError(f"several {stage} checkpoints in {out_dir} ({', '.join(found)}): choose one with "
+                        f"--dim ({dims}) or {flag} PATH")
+    raise UserError(f"no {stage} checkpoint in {out_dir} ({stage_path(out_dir, stage, '<dim>')}). It is written by "
+                    f"`{STAGE_COMMANDS.get(stage, stage)} --out_dir {out_dir}` (or `make demo`), or pass {flag} PATH")
+
+
 def atomic_save(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    finally:
+        if os.path.exists(tmp):  # interrupted (a second Ctrl-C) or failed mid-write: leave no half file behind
+            os.remove(tmp)
 
 
 def clean_state_dict(state_dict):
@@ -56,22 +95,25 @@ def model_payload(model, stage, step):
 def read_checkpoint(path, stage_hint=None):
     """torch.load a checkpoint with a helpful error when it is missing."""
     if not os.path.isfile(path):
-        hint = f"\n{stage_hint}" if stage_hint else ""
-        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        hint = f". {stage_hint}" if stage_hint else ""
+        raise UserError(f"checkpoint not found: {path}{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt/foreign file: say which file, not pickle's traceback
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
 def config_from_checkpoint(ckpt, path, flags=None):
     """The checkpoint's ModelConfig; `flags` (a dict of architecture values given on the command line, None
     meaning 'not given') must agree with it. Training-time fields (max_seq_len, dropout) may be overridden."""
     if "config" not in ckpt:
-        raise ValueError(f"{path} holds no model config (a weights-only file?): it was not written by TinyMind")
+        raise UserError(f"{path} holds no model config (a weights-only file?): it was not written by TinyMind")
     cfg = ModelConfig.from_dict(ckpt["config"])
     for name, value in (flags or {}).items():
         if value is None:
             continue
         if name in ARCH_FIELDS and getattr(cfg, name) != value:
-            raise ValueError(f"--{name} {value} conflicts with the checkpoint {path}, which has {name}="
+            raise UserError(f"--{name} {value} conflicts with the checkpoint {path}, which has {name}="
                              f"{getattr(cfg, name)}. Drop the flag (the config comes from the checkpoint) or "
                              f"pick another checkpoint.")
         if name not in ARCH_FIELDS:
