@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.cli import ReportedOnMainRank, UserError, user_error_types
+
 
 @dataclass
 class DistInfo:
@@ -39,6 +41,27 @@ class DistInfo:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def main_first(self, fn):
+        """Run fn() on rank 0 while the other ranks wait; return its result on rank 0 (None elsewhere).
+
+        If rank 0 hits a user mistake (a bad data line while tokenising, say), every rank learns it: rank 0
+        re-raises it (and prints it), the others raise ReportedOnMainRank (exit 2, silently). Without this
+        the other ranks would die on a missing file or a closed connection, burying the real message."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except user_error_types() as e:
+                error = e
+        if self.enabled:
+            box = [str(error) if error is not None else None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and not self.is_main:
+                raise ReportedOnMainRank(box[0])
+        if error is not None:
+            raise error
+        return result
+
     def all_gather_object(self, obj):
         if not self.enabled:
             return [obj]
@@ -47,23 +70,43 @@ class DistInfo:
         return out
 
 
+def pick_device(device_arg, local_rank, world_size):
+    """The torch.device this process trains on. `device_arg` is --device ('cpu', 'cuda', 'cuda:1'; None: CUDA
+    when available). CUDA devices always get an index: torch.cuda.set_device rejects a bare 'cuda'.
+    Under torchrun each process takes the GPU of its local rank (one GPU per process)."""
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise UserError(f"--device {device_arg!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device_arg}: CUDA is not available (no GPU, or a CPU-only build of torch "
+                        f"{torch.__version__}); use --device cpu")
+    if world_size > 1:
+        index = local_rank
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device cuda:{index}: only {torch.cuda.device_count()} GPU(s) are visible "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return torch.device("cuda", index)
+
+
 def setup_distributed(device_arg=None):
-    """Join the process group if launched by torchrun; pick the device. `device_arg` ('cpu', 'cuda',
-    'cuda:1', ...) overrides the automatic choice (CUDA when available)."""
+    """Join the process group if launched by torchrun; pick the device (see pick_device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg:
-        device = torch.device(device_arg)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device_arg, local_rank, world_size)
     if device.type == "cuda":
-        if world_size > 1:
-            device = torch.device("cuda", local_rank)  # one GPU per process
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # so NCCL, autocast and plain .cuda() calls all use this GPU
     if world_size > 1:
+        # nccl for GPUs; gloo on CPU (the same code runs, so every distributed path is testable here).
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs = {"device_id": device} if backend == "nccl" else {}  # binds the group to this GPU eagerly
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistInfo(rank, local_rank, world_size, device)
 
