@@ -6,7 +6,6 @@ exists and was made with the same flags is skipped; FORCE=1 (or --force) redoes 
 
 Writes out/demo_report.md (also printed) and out/demo_loss.png.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import torch
 from bench.identity_lab import NEW_NAME, conversations, drift, flip_rate, greedy_answer
 from model.tokenizer import Tokenizer
 from trainer.checkpoint import load_model
+from trainer.cli import ArgumentParser, UserError, positive_int, run_main
 
 DEMO = "dataset/demo"
 IDENTITY_REPEAT = 9
@@ -106,21 +106,22 @@ def plot(summaries, path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out_dir", default="out")
+    ap = ArgumentParser(description=__doc__)
+    ap.add_argument("--out_dir", default="out", help="where the checkpoints, logs and report go")
     ap.add_argument("--force", action="store_true", default=os.environ.get("FORCE") == "1",
                     help="redo every stage (also FORCE=1)")
     # The defaults were chosen by measurement on a 2-core CPU (README): the best held-out loss per minute
     # among the sizes tried, with all three stages inside ~10 minutes.
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--n_layers", type=int, default=4)
-    ap.add_argument("--n_heads", type=int, default=4)
-    ap.add_argument("--n_kv_heads", type=int, default=2)
-    ap.add_argument("--max_seq_len", type=int, default=256)
-    ap.add_argument("--pretrain_steps", type=int, default=700)
-    ap.add_argument("--sft_steps", type=int, default=600)
-    ap.add_argument("--dpo_steps", type=int, default=60)
-    ap.add_argument("--samples_max_new_tokens", type=int, default=60)
+    ap.add_argument("--dim", type=positive_int, default=128, help="model width")
+    ap.add_argument("--n_layers", type=positive_int, default=4, help="transformer blocks")
+    ap.add_argument("--n_heads", type=positive_int, default=4, help="query heads")
+    ap.add_argument("--n_kv_heads", type=positive_int, default=2, help="key/value heads")
+    ap.add_argument("--max_seq_len", type=positive_int, default=256, help="context length")
+    ap.add_argument("--pretrain_steps", type=positive_int, default=700, help="pretraining optimizer steps")
+    ap.add_argument("--sft_steps", type=positive_int, default=600, help="SFT optimizer steps")
+    ap.add_argument("--dpo_steps", type=positive_int, default=60, help="DPO optimizer steps")
+    ap.add_argument("--samples_max_new_tokens", type=positive_int, default=60,
+                    help="length of the report's sample answers")
     args = ap.parse_args()
     out, dim = args.out_dir, args.dim
     os.makedirs(out, exist_ok=True)
@@ -137,7 +138,10 @@ def main():
         redo = True  # everything after a re-run stage depends on it
         print(f"\n== {name}: python {script} {' '.join(flags)}", flush=True)
         t0 = time.time()
-        subprocess.run([sys.executable, script, *flags], check=True)
+        code = subprocess.run([sys.executable, script, *flags]).returncode
+        if code != 0:  # the stage printed its own one-line error (or was stopped): add which stage, no traceback
+            raise UserError(f"the {name} stage stopped (exit status {code}); `make demo` resumes from the "
+                            "last finished stage")
         times[name] = time.time() - t0
         with open(times_path, "w") as f:
             json.dump(times, f)
@@ -195,4 +199,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

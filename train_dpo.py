@@ -19,8 +19,9 @@ from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.dpo import DPODataset, collate_pairs
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
-from trainer.checkpoint import atomic_save, load_model, stage_path
-from trainer.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from trainer.checkpoint import atomic_save, find_stage_checkpoint, load_model
+from trainer.cli import non_negative_float, positive_float, run_main
+from trainer.losses import DPO_LOSS_TYPES, LABEL_SMOOTHING_TYPES, dpo_loss, sequence_logps
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
 
@@ -51,22 +52,25 @@ def make_dpo_step(reference, args):
             args.label_smoothing, chosen_len, rejected_len)
         n_pairs = batch["n_pairs"]
         loss_sum = losses.sum()
+        # Sums over pairs; the loop divides them by the global number of pairs (TRL's means).
+        metrics = {"loss/dpo": losses.detach().sum()}
         if args.sft_weight:
             # RPO-style: + alpha * mean NLL over the chosen completion tokens of this batch. The loop divides
-            # by the number of pairs, so the per-batch mean is weighted by the batch's pairs.
+            # by the number of pairs, so the per-batch mean is weighted by the batch's pairs. Logged apart
+            # from the DPO part: at step 0 "loss" is ln 2 + alpha * NLL, and loss/dpo is ln 2.
             nll = -policy_chosen.sum() / chosen_len.sum().clamp(min=1)
             loss_sum = loss_sum + args.sft_weight * nll * n_pairs
+            metrics["loss/nll"] = nll.detach() * n_pairs
         if n_pairs == 0:  # a dummy pair (everything was truncated away): keep the graph, contribute nothing
             return loss_sum * 0.0, 0, {}
-        # Sums over pairs; the loop divides them by the global number of pairs (TRL's means).
-        metrics = {
+        metrics.update({
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),  # strict >, as in TRL
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "logps/chosen": policy_chosen.detach().sum(),
             "logps/rejected": policy_rejected.detach().sum(),
-        }
+        })
         return loss_sum, n_pairs, metrics
 
     return dpo_step
@@ -108,63 +112,67 @@ def main():
     parser = base_parser(__doc__, stage="rlhf", lr=2e-5, epochs=1, batch_size=8, max_seq_len=512,
                          data_path="dataset/demo/dpo_*.jsonl", save_interval=100)
     parser.add_argument("--init_from", default=None,
-                        help="the SFT model to start from "
-                             "(default: {out_dir}/full_sft_{dim}.pth, dim from --dim or 512)")
-    parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
-    parser.add_argument("--loss_type", default="sigmoid", choices=DPO_LOSS_TYPES)
-    parser.add_argument("--label_smoothing", type=float, default=0.0, help="assumed label-flip rate (robust)")
-    parser.add_argument("--sft_weight", type=float, default=0.0, help="alpha: + alpha * NLL of chosen answers")
+                        help="the SFT model to start from (default: {out_dir}/full_sft_{dim}.pth for --dim, "
+                             "else the only full_sft_*.pth in --out_dir)")
+    parser.add_argument("--beta", type=positive_float, default=0.1,
+                        help="strength of the pull towards the reference")
+    parser.add_argument("--loss_type", default="sigmoid", choices=DPO_LOSS_TYPES, help="see trainer/losses.py")
+    parser.add_argument("--label_smoothing", type=float, default=0.0,
+                        help=f"assumed label-flip rate in [0, 0.5), for {', '.join(LABEL_SMOOTHING_TYPES)}")
+    parser.add_argument("--sft_weight", type=non_negative_float, default=0.0,
+                        help="alpha: + alpha * NLL of chosen answers (RPO)")
     parser.add_argument("--precompute_ref", action="store_true",
                         help="score the reference once before training and free it (memory of SFT)")
-    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
+    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
+                        help="system prompt for conversations that have none ('' for none)")
     args = parser.parse_args()
     if not 0 <= args.label_smoothing < 0.5:
         parser.error("--label_smoothing must be in [0, 0.5)")
+    if args.label_smoothing and args.loss_type not in LABEL_SMOOTHING_TYPES:
+        parser.error(f"--label_smoothing has no effect with --loss_type {args.loss_type}: use it with "
+                     f"{' or '.join(LABEL_SMOOTHING_TYPES)}, or drop it")
     dist, precision = start(args)
-    try:
-        tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
-        init_from = args.init_from or stage_path(args.out_dir, "full_sft", args.dim or 512)
-        flags = {**model_flags(args), "dropout": 0.0}  # dropout off: both models must score deterministically
-        model, cfg, _ = load_model(init_from, flags, stage_hint=(
-            "It is written by SFT: python train_full_sft.py --dim ... (or pass --init_from PATH)"))
-        dist.print(f"policy and reference initialised from {init_from}")
-        describe_model(model, dist)
-        # The reference: a frozen copy of the starting weights. Eval mode, no gradients, never wrapped in DDP.
-        reference = copy.deepcopy(model).eval().requires_grad_(False).to(dist.device)
-        seed_rank(args, dist)
+    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
+    init_from = args.init_from or find_stage_checkpoint(args.out_dir, "full_sft", args.dim)
+    flags = {**model_flags(args), "dropout": 0.0}  # dropout off: both models must score deterministically
+    model, cfg, _ = load_model(init_from, flags)
+    dist.print(f"policy and reference initialised from {init_from}")
+    describe_model(model, dist)
+    # The reference: a frozen copy of the starting weights. Eval mode, no gradients, never wrapped in DDP.
+    reference = copy.deepcopy(model).eval().requires_grad_(False).to(dist.device)
+    seed_rank(args, dist)
 
-        data = DPODataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None,
-                          args.skip_bad_lines)
-        dist.print(f"data: {len(data)} pairs" + (f"; skipped {data.bad_lines} bad lines (first: {data.first_bad})"
-                                                  if data.bad_lines else ""))
-        eval_data = None
-        if args.eval_path:  # held-out preference pairs: their DPO loss before and after
-            eval_data = DPODataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
-        if args.precompute_ref:
-            if eval_data is not None:
-                eval_data.ref_logps = precompute_reference(reference, eval_data, args, dist, precision)
-            cache = reference_cache_path(args, data, init_from, tokenizer)
-            if os.path.exists(cache):
-                data.ref_logps = torch.load(cache, weights_only=False)
-                dist.print(f"reference log-probs from cache {cache}")
-            else:
-                data.ref_logps = precompute_reference(reference, data, args, dist, precision)
-                if dist.is_main:
-                    atomic_save(data.ref_logps, cache)
-                dist.print(f"reference log-probs precomputed -> {cache}")
-            del reference  # DPO now needs the memory of SFT: one model, its gradients and optimizer state
-            reference = None
-            if dist.device.type == "cuda":
-                torch.cuda.empty_cache()
-        stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_pairs,
-                      loss_fn=make_dpo_step(reference, args), terms_per_step=args.batch_size * args.accumulation_steps,
-                      eval_dataset=eval_data,
-                      extra_state={"dpo": {"beta": args.beta, "loss_type": args.loss_type,
-                                           "init_from": init_from, "data_path": args.data_path}})
-        run_training(model, stage, args, dist, precision)
-    finally:
-        finish()
+    data = DPODataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None,
+                      args.skip_bad_lines)
+    dist.print(f"data: {len(data)} pairs" + (f"; skipped {data.bad_lines} bad lines (first: {data.first_bad})"
+                                              if data.bad_lines else ""))
+    eval_data = None
+    if args.eval_path:  # held-out preference pairs: their DPO loss before and after
+        eval_data = DPODataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
+    if args.precompute_ref:
+        if eval_data is not None:
+            eval_data.ref_logps = precompute_reference(reference, eval_data, args, dist, precision)
+        cache = reference_cache_path(args, data, init_from, tokenizer)
+        if os.path.exists(cache):
+            data.ref_logps = torch.load(cache, weights_only=False)
+            dist.print(f"reference log-probs from cache {cache}")
+        else:
+            data.ref_logps = precompute_reference(reference, data, args, dist, precision)
+            if dist.is_main:
+                atomic_save(data.ref_logps, cache)
+            dist.print(f"reference log-probs precomputed -> {cache}")
+        del reference  # DPO now needs the memory of SFT: one model, its gradients and optimizer state
+        reference = None
+        if dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+    stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_pairs,
+                  loss_fn=make_dpo_step(reference, args), terms_per_step=args.batch_size * args.accumulation_steps,
+                  eval_dataset=eval_data, init_from=init_from,
+                  extra_state={"dpo": {"beta": args.beta, "loss_type": args.loss_type,
+                                       "init_from": init_from, "data_path": args.data_path}})
+    run_training(model, stage, args, dist, precision)
+    finish()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

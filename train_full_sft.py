@@ -15,7 +15,8 @@ from dataset.chat import DEFAULT_SYSTEM_PROMPT, show_sample
 from dataset.sft import SFTDataset, collate_sft
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
-from trainer.checkpoint import load_model, stage_path
+from trainer.checkpoint import find_stage_checkpoint, load_model
+from trainer.cli import run_main
 from trainer.losses import language_model_loss
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
@@ -24,8 +25,8 @@ from trainer.setup import describe_model, finish, seed_rank, start
 def main():
     parser = base_parser(__doc__, stage="full_sft", lr=5e-5, epochs=2, batch_size=16, max_seq_len=512,
                          data_path="dataset/demo/sft_*.jsonl")
-    parser.add_argument("--init_from", default=None, help="checkpoint to start from "
-                        "(default: {out_dir}/pretrain_{dim}.pth, dim from --dim or 512)")
+    parser.add_argument("--init_from", default=None, help="checkpoint to start from (default: {out_dir}/"
+                        "pretrain_{dim}.pth for --dim, else the only pretrain_*.pth in --out_dir)")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for conversations that have none ('' for none)")
     parser.add_argument("--show_sample", action="store_true", help="print one rendered sample and exit")
@@ -39,26 +40,22 @@ def main():
         return
 
     dist, precision = start(args)
-    try:
-        init_from = args.init_from or stage_path(args.out_dir, "pretrain", args.dim or 512)
-        model, cfg, _ = load_model(init_from, model_flags(args), stage_hint=(
-            "It is written by pretraining: python train_pretrain.py --dim ... --n_layers ... "
-            "(or pass --init_from PATH)"))
-        dist.print(f"initialised from {init_from}")
-        describe_model(model, dist)
-        seed_rank(args, dist)
-        dist.print(f"data: {len(data)} conversations" + (f"; skipped {data.bad_lines} bad lines "
-                   f"(first: {data.first_bad})" if data.bad_lines else ""))
-        eval_data = None
-        if args.eval_path:  # held-out conversations: their answer loss before and after
-            eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
-        stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
-                      terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
-                      eval_dataset=eval_data)
-        run_training(model, stage, args, dist, precision)
-    finally:
-        finish()
+    init_from = args.init_from or find_stage_checkpoint(args.out_dir, "pretrain", args.dim)
+    model, cfg, _ = load_model(init_from, model_flags(args))
+    dist.print(f"initialised from {init_from}")
+    describe_model(model, dist)
+    seed_rank(args, dist)
+    dist.print(f"data: {len(data)} conversations" + (f"; skipped {data.bad_lines} bad lines "
+               f"(first: {data.first_bad})" if data.bad_lines else ""))
+    eval_data = None
+    if args.eval_path:  # held-out conversations: their answer loss before and after
+        eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
+    stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
+                  terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
+                  eval_dataset=eval_data, init_from=init_from)
+    run_training(model, stage, args, dist, precision)
+    finish()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

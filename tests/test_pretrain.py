@@ -17,6 +17,7 @@ from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from tests.conftest import ROOT
 from tests.helpers import TINY, read_log, run_script
 from trainer.checkpoint import config_from_checkpoint
+from trainer.cli import UserError
 from trainer.schedule import lr_at
 
 
@@ -101,7 +102,7 @@ def test_short_pretrain_lowers_the_loss_and_saves_config(tmp_path):
     ckpt = torch.load(tmp_path / "pretrain_64.pth", weights_only=False)
     assert ckpt["config"]["dim"] == 64 and ckpt["config"]["n_layers"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    with pytest.raises(ValueError, match="--dim 768 conflicts with the checkpoint .* dim=64"):
+    with pytest.raises(UserError, match="--dim 768 conflicts with the checkpoint .* dim=64"):
         config_from_checkpoint(ckpt, "pretrain_64.pth", {"dim": 768})
 
 

@@ -1,54 +1,72 @@
 """The command-line flags every stage shares (MiniMind2's names), plus helpers to turn them into objects."""
-import argparse
+from trainer.cli import (ArgumentParser, fraction, non_negative_float, non_negative_int, positive_float,
+                         positive_int)
+
+# Flags a --resume must not change: they decide which samples each step reads (the data order) or the
+# learning-rate schedule, so changing them mid-run silently makes a different run (the LR jumps, samples are
+# seen twice or never). The global batch is checked as one number: 2 processes x 4 == 1 process x 8.
+RESUME_FIXED = ("data_path", "max_seq_len", "epochs", "max_steps", "learning_rate", "warmup_iters", "min_lr_ratio",
+                "seed", "skip_bad_lines")
 
 
 def base_parser(description, *, stage, lr, epochs, batch_size, max_seq_len, data_path, save_interval=100,
                 warmup_iters=0):
     """A parser with the flags all stages share; each stage passes its own defaults and adds its own flags."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description)
     g = p.add_argument_group("data and output")
     g.add_argument("--data_path", default=data_path,
                    help="JSONL file(s): comma-separated, globs allowed; a file named twice is read twice")
     g.add_argument("--eval_path", default=None, help="held-out JSONL: its loss is measured before and after")
-    g.add_argument("--out_dir", default="out")
+    g.add_argument("--out_dir", default="out", help="where checkpoints, resume files and logs go")
     g.add_argument("--save_name", default=stage, help="checkpoint prefix: {out_dir}/{save_name}_{dim}.pth")
     g.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: model/tokenizer/)")
     g.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes")
 
-    g = p.add_argument_group("model (architecture flags default to the checkpoint's or MiniMind2's values)")
-    g.add_argument("--dim", type=int, default=None)
-    g.add_argument("--n_layers", type=int, default=None)
-    g.add_argument("--n_heads", type=int, default=None)
-    g.add_argument("--n_kv_heads", type=int, default=None)
-    g.add_argument("--max_seq_len", type=int, default=max_seq_len)
-    g.add_argument("--dropout", type=float, default=None)
+    g = p.add_argument_group("model (a later stage takes these from its checkpoint; given, they must match it)")
+    g.add_argument("--dim", type=positive_int, default=None,
+                   help="width of the residual stream (default: the checkpoint's; pretraining: 512)")
+    g.add_argument("--n_layers", type=positive_int, default=None,
+                   help="transformer blocks (default: the checkpoint's; pretraining: 8)")
+    g.add_argument("--n_heads", type=positive_int, default=None,
+                   help="query heads (default: the checkpoint's; pretraining: 8)")
+    g.add_argument("--n_kv_heads", type=positive_int, default=None,
+                   help="key/value heads (default: the checkpoint's; pretraining: 2)")
+    g.add_argument("--max_seq_len", type=positive_int, default=max_seq_len, help="context length in tokens")
+    g.add_argument("--dropout", type=fraction, default=None,
+                   help="dropout probability (default: the checkpoint's; pretraining: 0.0)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--batch_size", type=int, default=batch_size, help="per process, per micro-step")
-    g.add_argument("--accumulation_steps", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=lr, help="peak learning rate")
-    g.add_argument("--warmup_iters", type=int, default=warmup_iters)
-    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to learning_rate * this")
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
+    g.add_argument("--max_steps", type=positive_int, default=None,
+                   help="stop after this many optimizer steps (default: all the epochs' steps)")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size, help="samples per process, per micro-step")
+    g.add_argument("--accumulation_steps", type=positive_int, default=1,
+                   help="micro-steps summed into one optimizer step")
+    g.add_argument("--learning_rate", type=positive_float, default=lr, help="peak learning rate")
+    g.add_argument("--warmup_iters", type=non_negative_int, default=warmup_iters,
+                   help="steps of linear warmup to the peak")
+    g.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine decays to learning_rate * this")
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.1, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--seed", type=int, default=42, help="seeds the initialisation, the data order and dropout")
 
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on a GPU that supports it, else float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
-    g.add_argument("--save_interval", type=int, default=save_interval, help="steps between checkpoints")
+    g.add_argument("--log_interval", type=positive_int, default=10, help="steps between log lines")
+    g.add_argument("--save_interval", type=non_negative_int, default=save_interval,
+                   help="steps between checkpoints (0: only at the end)")
     g.add_argument("--resume", action="store_true", help="continue from {out_dir}/{save_name}_{dim}_resume.pth")
-    g.add_argument("--use_wandb", action="store_true")
-    g.add_argument("--wandb_project", default="TinyMind")
-    g.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+    g.add_argument("--use_wandb", action="store_true",
+                   help="log to Weights & Biases (offline when no API key is set up)")
+    g.add_argument("--wandb_project", default="TinyMind", help="wandb project name")
+    g.add_argument("--no_progress", action="store_true",
+                   help="no progress bar: a log line every --log_interval steps instead")
     return p
 
 

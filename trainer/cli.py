@@ -62,19 +62,19 @@ def run_main(main):
     try:
         main()
     except user_error_types() as e:
-        _leave_process_group()
         if debug:
             raise
         if not isinstance(e, ReportedOnMainRank):
             print_error(e)
         sys.exit(2)
     except KeyboardInterrupt:
-        _leave_process_group()
         if debug:
             raise
         if is_main_rank():
             print("\ninterrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        _leave_process_group()  # a no-op after a clean finish (the script already left the group)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -25,9 +25,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from dataset.sampler import BatchPlan
+from trainer.args import RESUME_FIXED
 from trainer.checkpoint import atomic_save, model_payload, read_checkpoint, resume_path, stage_path, unwrap
+from trainer.cli import UserError, is_main_rank
 from trainer.evaluate import held_out_loss
-from trainer.metrics import MetricsLogger
+from trainer.metrics import MetricsLogger, Progress
 from trainer.schedule import lr_at
 
 
@@ -47,6 +49,7 @@ class Stage:
     eval_dataset: object = None  # optional held-out data: its mean loss is measured before and after training
     log_decimals: int = 4
     extra_state: dict = field(default_factory=dict)   # saved into every checkpoint (e.g. the stage's flags)
+    init_from: str = None        # the checkpoint the model was loaded from: never overwritten by this run
 
 
 def capture_rng():
@@ -66,25 +69,132 @@ def restore_rng(state):
 
 def make_optimizer(model, lr, weight_decay, device):
     """AdamW; weight decay on matrices only (norm gains are scales, decaying them towards 0 only hurts).
-    The fused CUDA kernel updates all parameters in one launch."""
+    On CUDA the fused kernel updates all parameters in one launch instead of several per parameter."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
+def wrap_model(model, args, dist):
+    """The module the training steps call: torch.compile'd (--compile) and/or DDP-wrapped (under torchrun).
+    `model` itself stays the plain Transformer: checkpoints and evaluation use it directly."""
+    train_model = model
+    if args.compile:
+        dist.print("--compile: the first step compiles the model (tens of seconds to minutes) ...")
+        train_model = torch.compile(train_model)
+    if dist.enabled:
+        # One GPU per process: DDP must be told which (device_ids); on CPU it takes None.
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        train_model = DDP(train_model, device_ids=device_ids)
+    return train_model
+
+
+def make_loader(dataset, batch_sampler, collate_fn, num_workers, device):
+    """A DataLoader over a precomputed batch plan. pin_memory on CUDA: page-locked host batches can be
+    copied to the GPU asynchronously (the .to(device, non_blocking=True) in the loop)."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
+                      pin_memory=device.type == "cuda")
+
+
+def config_difference(saved, current):
+    """'dim 64 (file) vs 128 (now)' for the fields where two config dicts differ."""
+    keys = sorted(set(saved) | set(current))
+    return "; ".join(f"{k} {saved.get(k)} in the file vs {current.get(k)} now" for k in keys
+                     if saved.get(k) != current.get(k))
+
+
+def check_resume_flags(saved_args, args, saved_world_size, world_size, res_path, dist):
+    """--resume continues THE SAME run: refuse flags that change the data order or the LR schedule (naming the
+    flag, both values and how to start fresh), warn about any other changed flag."""
+    fresh = f"or start a fresh run without --resume (another --out_dir keeps this one's files)"
+    saved_global = saved_args["batch_size"] * saved_args["accumulation_steps"] * saved_world_size
+    now_global = args.batch_size * args.accumulation_steps * world_size
+    if saved_global != now_global:
+        raise UserError(
+            f"--resume: the global batch is {now_global} (--batch_size {args.batch_size} x --accumulation_steps "
+            f"{args.accumulation_steps} x {world_size} processes), but {res_path} was made with {saved_global} "
+            f"({saved_args['batch_size']} x {saved_args['accumulation_steps']} x {saved_world_size}): that changes "
+            f"the data order. Resume with the same global batch, {fresh}")
+    current = vars(args)
+    for name in RESUME_FIXED:
+        if name in saved_args and saved_args[name] != current.get(name):
+            raise UserError(f"--resume: --{name} {current.get(name)} differs from {saved_args[name]} in {res_path} "
+                            f"(it changes the data order or the learning-rate schedule). Resume with --{name} "
+                            f"{saved_args[name]}, {fresh}")
+    quiet = {"resume", "debug", "no_progress", "num_workers", "_argv", "batch_size", "accumulation_steps"}
+    for name in sorted(set(saved_args) - quiet - set(RESUME_FIXED)):
+        if name in current and saved_args[name] != current[name]:
+            dist.print(f"warning: --resume with --{name} {current[name]} (the run was started with {saved_args[name]})")
+
+
+def load_resume(res_path, model, optimizer, scaler, args, dist):
+    """Load the resume file into model, optimizer and scaler after checking it belongs to this run.
+    Returns (start_step, wandb_id, counters)."""
+    if not os.path.exists(res_path):
+        raise UserError(f"--resume: no resume file {res_path} (it is written next to the checkpoint every "
+                        f"--save_interval steps); drop --resume to start from the beginning")
+    state = read_checkpoint(res_path)
+    cfg = unwrap(model).cfg.to_dict()
+    if state["config"] != cfg:
+        raise UserError(f"--resume: {res_path} holds another model ({config_difference(state['config'], cfg)})")
+    check_resume_flags(state.get("args", {}), args, state["world_size"], dist.world_size, res_path, dist)
+    unwrap(model).load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == dist.world_size:
+        restore_rng(state["rng"][dist.rank])
+    else:
+        dist.print(f"note: resuming with {dist.world_size} processes, saved with {state['world_size']}: "
+                   "the data order is kept, the random streams (dropout) are not")
+    dist.print(f"resumed from {res_path} at step {state['step']}")
+    return state["step"], state.get("wandb_id"), state["counters"]
+
+
+def check_something_learnt(counters, steps_done, out_path):
+    """Stop with a clear message when most steps changed nothing, instead of "succeeding" and saving an
+    unchanged model: every sample truncated away (no supervised token left), or a loss that is always NaN.
+    Short runs (under 10 steps) fail only when every step was skipped."""
+    empty, nonfinite = counters["empty_steps"], counters["nonfinite_steps"]
+    skipped = empty + nonfinite
+    if steps_done == 0 or (skipped < steps_done if steps_done < 10 else 2 * skipped <= steps_done):
+        return
+    causes = []
+    if empty:
+        causes.append(f"{empty} had no supervised token left ({counters['dropped_samples']} samples were truncated "
+                      f"away: raise --max_seq_len or check the data)")
+    if nonfinite:
+        causes.append(f"{nonfinite} had a NaN/inf loss (lower --learning_rate, or try --dtype float32)")
+    raise UserError(f"nothing was learnt: {skipped} of {steps_done} steps were skipped: {'; '.join(causes)}. "
+                    f"{out_path} was not written")
+
+
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes the current step, saves, and exits. All ranks agree on
-    the step to stop at through the per-step all-reduce."""
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save, exit 130; all ranks agree on the step to stop
+    at through the per-step all-reduce. A second Ctrl-C stops at once (KeyboardInterrupt): checkpoints are
+    written atomically, so the last one stays whole.
+
+    A repeat within a second counts as the same request: torchrun passes the terminal's Ctrl-C on to its
+    workers, which have already received it from the terminal themselves."""
 
     def __init__(self):
-        self.requested = False
+        self.requested_at = None
         self._old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
 
+    @property
+    def requested(self):
+        return self.requested_at is not None
+
     def _handle(self, signum, frame):
-        self.requested = True
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+            if is_main_rank():  # os.write, not print: a signal handler may interrupt a print in progress
+                os.write(2, "\nstopping after this step and saving (Ctrl-C again to stop at once) ...\n".encode())
+        elif now - self.requested_at > 1.0:
+            raise KeyboardInterrupt
 
     def restore(self):
         for sig, handler in self._old.items():
@@ -99,9 +209,16 @@ def run_training(model, stage: Stage, args, dist, precision):
     cfg = unwrap(model).cfg
     out_path = stage_path(args.out_dir, stage.name, cfg.dim)
     res_path = resume_path(args.out_dir, stage.name, cfg.dim)
+    if stage.init_from and os.path.abspath(stage.init_from) == os.path.abspath(out_path):
+        raise UserError(f"--init_from {stage.init_from} is also this run's output: the first save would overwrite "
+                        f"the model it starts from. Pass --save_name NAME (writes {args.out_dir}/NAME_{cfg.dim}.pth) "
+                        f"or another --out_dir")
 
-    plan = BatchPlan(len(stage.dataset), args.batch_size, args.accumulation_steps, dist.world_size, dist.rank,
-                     args.seed)
+    try:
+        plan = BatchPlan(len(stage.dataset), args.batch_size, args.accumulation_steps, dist.world_size, dist.rank,
+                         args.seed)
+    except ValueError as e:  # fewer samples than one step needs
+        raise UserError(str(e)) from None
     total_steps = args.epochs * plan.steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -112,36 +229,25 @@ def run_training(model, stage: Stage, args, dist, precision):
     scaler = precision.grad_scaler()
 
     start_step, wandb_id = 0, None
-    counters = {"tokens": 0, "skipped_steps": 0, "dropped_samples": 0}  # cumulative, carried across a resume
+    # Cumulative, carried across a resume. Skipped steps are counted by cause: no supervised token left in the
+    # global batch ("empty"), or a NaN/inf loss.
+    counters = {"tokens": 0, "empty_steps": 0, "nonfinite_steps": 0, "dropped_samples": 0}
     if args.resume:
-        if not os.path.exists(res_path):
-            raise FileNotFoundError(f"--resume: no resume file {res_path}")
-        state = read_checkpoint(res_path)
-        if state["config"] != cfg.to_dict():
-            raise ValueError(f"--resume: {res_path} was written for config {state['config']}, not {cfg.to_dict()}")
-        unwrap(model).load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, wandb_id, counters = state["step"], state.get("wandb_id"), state["counters"]
-        if state["world_size"] == dist.world_size:
-            restore_rng(state["rng"][dist.rank])
-        else:
-            dist.print(f"warning: resuming with {dist.world_size} processes, saved with {state['world_size']}: "
-                       "the data order is kept, the random streams (dropout) are not")
-        dist.print(f"resumed from {res_path} at step {start_step}/{total_steps}")
+        start_step, wandb_id, saved = load_resume(res_path, model, optimizer, scaler, args, dist)
+        counters.update(saved)
+        if "skipped_steps" in saved:  # a resume file from before the split by cause
+            counters["nonfinite_steps"] += counters.pop("skipped_steps")
 
-    train_model = model
-    if args.compile:
-        train_model = torch.compile(train_model)
-    if dist.enabled:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    train_model = wrap_model(model, args, dist)
     logger = MetricsLogger(os.path.join(args.out_dir, f"{stage.name}_{cfg.dim}_log.jsonl"), dist.is_main,
                            args.use_wandb, args.wandb_project, f"{stage.name}_{cfg.dim}",
                            {**vars(args), "model": cfg.to_dict()}, wandb_id, start_step)
 
-    def save(step):
-        """Rank 0 writes the stage checkpoint and the resume file; every rank contributes its RNG state."""
+    def save(step, stopping=False):
+        """Rank 0 writes the stage checkpoint and the resume file; every rank contributes its RNG state.
+        A run that learnt nothing is stopped here instead (a Ctrl-C still gets its files)."""
+        if not stopping:
+            check_something_learnt(counters, step, out_path)
         rng = dist.all_gather_object(capture_rng())
         if dist.is_main:
             # The flags go in too (and the command line), so a checkpoint says how it was made.
@@ -150,9 +256,7 @@ def run_training(model, stage: Stage, args, dist, precision):
             atomic_save(payload, out_path)
             atomic_save({**payload, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // plan.steps_per_epoch, "world_size": dist.world_size,
-                         "rng": rng, "wandb_id": logger.wandb_id,
-                         "counters": {"tokens": tokens_seen, "skipped_steps": skipped, "dropped_samples": dropped}},
-                        res_path)
+                         "rng": rng, "wandb_id": logger.wandb_id, "counters": dict(counters)}, res_path)
         dist.barrier()
 
     def step_batches(first_step):
@@ -161,9 +265,8 @@ def run_training(model, stage: Stage, args, dist, precision):
         while step < total_steps:
             epoch = step // plan.steps_per_epoch
             in_epoch = step % plan.steps_per_epoch
-            loader = DataLoader(stage.dataset, batch_sampler=plan.micro_batches(epoch, in_epoch),
-                                collate_fn=stage.collate_fn, num_workers=args.num_workers,
-                                pin_memory=device.type == "cuda")
+            loader = make_loader(stage.dataset, plan.micro_batches(epoch, in_epoch), stage.collate_fn,
+                                 args.num_workers, device)
             it = iter(loader)
             for _ in range(in_epoch, plan.steps_per_epoch):
                 if step >= total_steps:
@@ -174,12 +277,9 @@ def run_training(model, stage: Stage, args, dist, precision):
     dist.print(f"{stage.name}: {len(stage.dataset)} samples, {plan.steps_per_epoch} steps/epoch, "
                f"{total_steps} steps; global batch {args.batch_size * dist.world_size * args.accumulation_steps} "
                f"= {args.batch_size} x {dist.world_size} processes x {args.accumulation_steps} accumulation")
-    bar = None
-    if dist.is_main and not args.no_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=start_step, desc=stage.name, dynamic_ncols=True)
 
     def evaluate():
+        dist.print(f"held-out evaluation: {len(stage.eval_dataset)} samples ...")
         return held_out_loss(model, stage.eval_dataset, stage.collate_fn, stage.loss_fn, args.batch_size, dist,
                              precision)
 
@@ -188,7 +288,7 @@ def run_training(model, stage: Stage, args, dist, precision):
         logger.log({"step": 0, "phase": "before", **results})
         dist.print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     stop = StopRequest()
-    tokens_seen, skipped, dropped = counters["tokens"], counters["skipped_steps"], counters["dropped_samples"]
+    progress = Progress(stage.name, total_steps, start_step, dist.is_main, args.no_progress, stage.log_decimals)
     last_step = start_step
     model.train()
     t_log, tokens_since_log = time.time(), 0
@@ -220,14 +320,15 @@ def run_training(model, stage: Stage, args, dist, precision):
             dist.all_reduce_sum(packed)
             g_loss, g_terms, g_tokens, g_stop, g_dropped = packed[:5].tolist()
             g_metrics = {k: v / max(g_terms, 1) for k, v in zip(keys, packed[5:].tolist())}
-            dropped += int(g_dropped)
+            counters["dropped_samples"] += int(g_dropped)
             mean_loss = g_loss / max(g_terms, 1)
 
             grad_norm = None
-            if not math.isfinite(mean_loss) or g_terms == 0:
-                skipped += 1  # never let a NaN/inf (or an empty batch) touch the weights
+            if g_terms == 0 or not math.isfinite(mean_loss):
+                # Never let a NaN/inf (or an empty batch) touch the weights.
+                counters["empty_steps" if g_terms == 0 else "nonfinite_steps"] += 1
                 optimizer.zero_grad(set_to_none=True)
-                if scaler.is_enabled():
+                if scaler.is_enabled() and g_terms:
                     scaler.update(scaler.get_scale() / 2)
             else:
                 scaler.unscale_(optimizer)
@@ -241,40 +342,41 @@ def run_training(model, stage: Stage, args, dist, precision):
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-            tokens_seen += int(g_tokens)
+            counters["tokens"] += int(g_tokens)
             tokens_since_log += int(g_tokens)
             last_step = step + 1
 
+            record = None
             if step % args.log_interval == 0 or last_step == total_steps:
                 elapsed = time.time() - t_log
                 tps = tokens_since_log / max(elapsed, 1e-9)
                 t_log, tokens_since_log = time.time(), 0
                 record = {"step": step, "epoch": step // plan.steps_per_epoch, "loss": round(mean_loss, 6),
-                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tps, 1), "tokens": tokens_seen,
-                          "skipped_steps": skipped, "dropped_samples": dropped,
+                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tps, 1),
+                          "tokens": counters["tokens"],
+                          "skipped_steps": counters["empty_steps"] + counters["nonfinite_steps"],
+                          "dropped_samples": counters["dropped_samples"],
                           **{k: round(v, 6) for k, v in g_metrics.items()}}
                 logger.log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.{stage.log_decimals}f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-            if bar is not None:
-                bar.update(1)
+            progress.step(last_step, record)
+            if last_step == 10:  # fail fast when the first steps already learnt nothing
+                check_something_learnt(counters, last_step, out_path)
+            if g_stop:
+                dist.print(f"\nstopped at step {last_step}: resume with the same command plus --resume")
+                save(last_step, stopping=True)
+                raise SystemExit(130)
             if args.save_interval and last_step % args.save_interval == 0 and last_step < total_steps:
                 save(last_step)
-            if g_stop:
-                dist.print(f"\nstop requested: saving at step {last_step} (resume with --resume)")
-                save(last_step)
-                raise SystemExit(130)
         save(last_step)
     finally:
         stop.restore()
-        if bar is not None:
-            bar.close()
+        progress.close()
     if stage.eval_dataset is not None:
         results = evaluate()
         logger.log({"step": last_step, "phase": "after", **results})
         dist.print("held-out after training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     logger.finish()
-    dist.print(f"saved {out_path} ({last_step} steps, {tokens_seen:,} tokens, {skipped} skipped steps, "
-               f"{dropped} samples dropped as truncated away)")
+    skipped = counters["empty_steps"] + counters["nonfinite_steps"]
+    dist.print(f"saved {out_path} ({last_step} steps, {counters['tokens']:,} tokens, {skipped} skipped steps, "
+               f"{counters['dropped_samples']} samples dropped as truncated away)")
     return out_path
-

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
+LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "sigmoid_norm")   # the losses that model label noise
 
 
 def next_token_loss(logits, targets, loss_mask=None):
@@ -58,15 +59,22 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     above the rejected one's:
         h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l))    # the margin, before beta
         sigmoid:      -log sigmoid(beta * h)                                     # eq. 7
-        robust:       label noise eps = label_smoothing (https://arxiv.org/abs/2403.00409):
+                      with label_smoothing eps > 0 (conservative DPO, https://ericmitchell.ai/cdpo.pdf:
+                      each label is wrong with probability eps), as TRL does:
+                      -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+        robust:       label noise eps = label_smoothing (https://arxiv.org/abs/2403.00409), unbiased:
                       (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
         hinge:        max(0, 1 - beta * h)                                       # SLiC (arXiv:2305.10425)
         ipo:          (h_avg - 1 / (2 beta))^2 with per-token AVERAGE log-probs  # IPO (arXiv:2310.12036)
-        sigmoid_norm: -log sigmoid(beta * h_avg), h from per-token averages (MiniMind2's choice, to compare)
+        sigmoid_norm: -log sigmoid(beta * h_avg), h from per-token averages (MiniMind2's choice, to compare);
+                      label smoothing as for sigmoid
+    hinge and ipo have no label smoothing (TRL ignores it there; we refuse it rather than ignore it).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,). Rewards always use the summed log-probs.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if label_smoothing and loss_type not in LABEL_SMOOTHING_TYPES:
+        raise ValueError(f"label_smoothing applies to {LABEL_SMOOTHING_TYPES}, not to loss_type {loss_type!r}")
     chosen_logratio = policy_chosen_logps - ref_chosen_logps          # log pi/pi_ref for y_w
     rejected_logratio = policy_rejected_logps - ref_rejected_logps    # ... for y_l
     if loss_type in ("ipo", "sigmoid_norm"):
@@ -76,10 +84,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     else:
         h = chosen_logratio - rejected_logratio
 
+    eps = label_smoothing
     if loss_type in ("sigmoid", "sigmoid_norm"):
-        losses = -F.logsigmoid(beta * h)
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     elif loss_type == "robust":
-        eps = label_smoothing
         losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.cli import UserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,13 +39,17 @@ def setup_precision(dtype_arg, device):
     """--dtype float32|bfloat16|float16, or None for the best default: bfloat16 on a GPU that supports it,
     float32 otherwise (CPU autocast is slower than float32 for small models)."""
     if device.type == "cuda":
-        # TF32 tensor cores for any float32 matmul left (10-bit mantissa, same range): free speed on Ampere+.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 tensor cores for the float32 matmuls that remain (10-bit mantissa, float32's range): free speed on
+        # Ampere and later. "high" is the documented switch (torch.set_float32_matmul_precision).
+        torch.set_float32_matmul_precision("high")
     if dtype_arg is None:
         dtype_arg = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype_arg not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype_arg!r}")
+        raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype_arg!r}")
     if dtype_arg == "float16" and device.type != "cuda":
-        raise ValueError("--dtype float16 needs a CUDA device; use bfloat16 or float32 on CPU")
+        raise UserError(f"--dtype float16 needs a CUDA device (this run is on {device.type}); "
+                        "use --dtype bfloat16 or float32")
+    if dtype_arg == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype bfloat16: this GPU has no bfloat16 support; use --dtype float16 (with loss "
+                        "scaling) or float32")
     return Precision(dtype_arg, DTYPES[dtype_arg], device.type)

@@ -1,0 +1,143 @@
+"""Every CUDA-only branch of the trainer, on a machine without a GPU: torch.cuda is faked (monkeypatch) and we
+check what WOULD be called. The fakes behave like PyTorch where it matters: set_device rejects a device
+without an index, exactly as torch.cuda.set_device does ("Expected a torch.device with a specified index")."""
+import pytest
+import torch
+
+from trainer import distributed, loop
+from trainer.cli import UserError
+from trainer.distributed import DistInfo, pick_device, setup_distributed
+from trainer.precision import setup_precision
+
+
+class FakeCuda:
+    """Records the calls the trainer makes to torch.cuda and torch.distributed."""
+
+    def __init__(self, monkeypatch, n_gpus=2, current=0, bf16=True):
+        self.set_device_calls, self.init_calls = [], []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
+        monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: self.init_calls.append(kw))
+
+    def set_device(self, device):
+        device = torch.device(device)
+        if device.index is None:  # what PyTorch itself raises for torch.device("cuda")
+            raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+        self.set_device_calls.append(device)
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def torchrun_env(monkeypatch, rank, world_size=2):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+
+
+def test_one_gpu_one_process_gets_an_indexed_device(monkeypatch, one_process):
+    """The crash of `python train_pretrain.py` on a one-GPU machine: set_device(torch.device('cuda'))."""
+    fake = FakeCuda(monkeypatch, n_gpus=1)
+    info = setup_distributed(None)                      # automatic choice
+    assert info.device == torch.device("cuda", 0) and fake.set_device_calls == [torch.device("cuda", 0)]
+    assert setup_distributed("cuda").device == torch.device("cuda", 0)    # --device cuda
+    assert fake.init_calls == []                        # one process: no process group
+
+
+def test_device_flag_picks_the_gpu_and_respects_the_current_device(monkeypatch, one_process):
+    FakeCuda(monkeypatch, n_gpus=2, current=1)
+    assert pick_device("cuda", 0, 1) == torch.device("cuda", 1)   # e.g. after torch.cuda.set_device(1)
+    assert pick_device("cuda:0", 0, 1) == torch.device("cuda", 0)
+    assert pick_device("cpu", 0, 1) == torch.device("cpu")
+    with pytest.raises(UserError, match="cuda:5: only 2 GPU"):
+        pick_device("cuda:5", 0, 1)
+
+
+def test_torchrun_ranks_take_their_local_gpu_and_nccl(monkeypatch):
+    fake = FakeCuda(monkeypatch, n_gpus=2)
+    torchrun_env(monkeypatch, rank=1)
+    info = setup_distributed(None)
+    assert info.device == torch.device("cuda", 1) and info.world_size == 2 and info.rank == 1
+    assert fake.set_device_calls == [torch.device("cuda", 1)]
+    assert fake.init_calls == [{"backend": "nccl", "rank": 1, "world_size": 2, "device_id": torch.device("cuda", 1)}]
+
+
+def test_torchrun_on_cpu_uses_gloo(monkeypatch):
+    fake = FakeCuda(monkeypatch, n_gpus=0)
+    torchrun_env(monkeypatch, rank=0)
+    info = setup_distributed(None)
+    assert info.device == torch.device("cpu")
+    assert fake.init_calls == [{"backend": "gloo", "rank": 0, "world_size": 2}] and fake.set_device_calls == []
+
+
+def test_cuda_requested_without_cuda_is_a_user_error(monkeypatch, one_process):
+    FakeCuda(monkeypatch, n_gpus=0)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        setup_distributed("cuda")
+    with pytest.raises(UserError, match="is not a device"):
+        setup_distributed("gpu")
+
+
+def test_precision_defaults_and_checks_on_cuda(monkeypatch):
+    FakeCuda(monkeypatch, bf16=True)
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    cuda = torch.device("cuda", 0)
+    p = setup_precision(None, cuda)
+    assert p.dtype == torch.bfloat16 and p.device_type == "cuda" and calls == ["high"]   # TF32 on
+    assert not p.grad_scaler().is_enabled()             # bf16 has float32's range: no loss scaling
+    ctx = p.autocast()
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    fp16 = setup_precision("float16", cuda)
+    assert fp16.grad_scaler().is_enabled()              # float16 needs loss scaling
+    assert setup_precision(None, torch.device("cpu")).dtype == torch.float32
+
+    FakeCuda(monkeypatch, bf16=False)                   # e.g. a V100 or T4
+    assert setup_precision(None, cuda).dtype == torch.float32
+    with pytest.raises(UserError, match="no bfloat16 support"):
+        setup_precision("bfloat16", cuda)
+    with pytest.raises(UserError, match="float16 needs a CUDA device"):
+        setup_precision("float16", torch.device("cpu"))
+
+
+def test_fused_adamw_only_on_cuda():
+    model = torch.nn.Linear(4, 4)
+    assert loop.make_optimizer(model, 1e-3, 0.1, torch.device("cuda", 0)).defaults["fused"] is True
+    assert not loop.make_optimizer(model, 1e-3, 0.1, torch.device("cpu")).defaults["fused"]
+
+
+def test_pin_memory_only_on_cuda():
+    data, plan = list(range(8)), [[0, 1], [2, 3]]
+    assert loop.make_loader(data, plan, None, 0, torch.device("cuda", 0)).pin_memory is True
+    assert loop.make_loader(data, plan, None, 0, torch.device("cpu")).pin_memory is False
+
+
+def test_ddp_gets_the_gpu_index_on_cuda_and_none_on_cpu(monkeypatch):
+    wrapped = []
+    monkeypatch.setattr(loop, "DDP", lambda module, device_ids: wrapped.append(device_ids) or module)
+
+    class Args:
+        compile = False
+    model = torch.nn.Linear(2, 2)
+    assert loop.wrap_model(model, Args, DistInfo(1, 1, 2, torch.device("cuda", 1))) is model
+    loop.wrap_model(model, Args, DistInfo(0, 0, 2, torch.device("cpu")))
+    loop.wrap_model(model, Args, DistInfo(0, 0, 1, torch.device("cuda", 0)))   # one process: no DDP at all
+    assert wrapped == [[1], None]
+
+
+def test_rng_state_of_every_gpu_is_saved_and_restored(monkeypatch):
+    FakeCuda(monkeypatch)
+    saved = [torch.ByteTensor([1, 2]), torch.ByteTensor([3, 4])]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = loop.capture_rng()
+    assert state["cuda"] is saved
+    loop.restore_rng(state)
+    assert restored == [saved]
