@@ -20,6 +20,7 @@ from dataset.dpo import DPODataset, collate_pairs
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
 from trainer.checkpoint import atomic_save, load_model, stage_path
+from trainer.cli import run_main
 from trainer.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
@@ -139,7 +140,8 @@ def main():
                                                   if data.bad_lines else ""))
         eval_data = None
         if args.eval_path:  # held-out preference pairs: their DPO loss before and after
-            eval_data = DPODataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
+            eval_data = DPODataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
+                                   flag="--eval_path")
         if args.precompute_ref:
             if eval_data is not None:
                 eval_data.ref_logps = precompute_reference(reference, eval_data, args, dist, precision)
@@ -167,4 +169,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

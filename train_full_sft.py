@@ -16,6 +16,7 @@ from dataset.sft import SFTDataset, collate_sft
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
 from trainer.checkpoint import load_model, stage_path
+from trainer.cli import run_main
 from trainer.losses import language_model_loss
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
@@ -51,7 +52,8 @@ def main():
                    f"(first: {data.first_bad})" if data.bad_lines else ""))
         eval_data = None
         if args.eval_path:  # held-out conversations: their answer loss before and after
-            eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
+            eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
+                                   flag="--eval_path")
         stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
                       terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                       eval_dataset=eval_data)
@@ -61,4 +63,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,6 +11,7 @@ from dataset.pretrain import PretrainDataset, collate_blocks
 from model import ModelConfig, Transformer
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
+from trainer.cli import run_main
 from trainer.losses import language_model_loss
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
@@ -36,7 +37,8 @@ def main():
                    f"{args.max_seq_len}" + (f"; skipped {data.bad_lines} bad lines" if data.bad_lines else ""))
         eval_data = None
         if args.eval_path:  # held-out text: its loss before and after
-            eval_data = PretrainDataset(args.eval_path, tokenizer, args.max_seq_len, cache_dir, dist)
+            eval_data = PretrainDataset(args.eval_path, tokenizer, args.max_seq_len, cache_dir, dist,
+                                        flag="--eval_path")
         stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_blocks, loss_fn=language_model_loss,
                       terms_per_step=args.batch_size * args.max_seq_len * args.accumulation_steps,
                       eval_dataset=eval_data)
@@ -46,4 +48,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
