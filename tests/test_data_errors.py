@@ -1,5 +1,5 @@
 """Data mistakes a user makes every day, and what they see: one line naming the file, the line and the fix,
-the same under torchrun; blank and Windows (CRLF) lines; no half-written token cache."""
+the same under torchrun; blank and Windows (CRLF) lines; no half-written token cache; no clobbered tokenizer."""
 import json
 import os
 import re
@@ -198,3 +198,27 @@ def test_bad_dpo_line_under_torchrun_is_reported_once(tmp_path):
     proc = run_script("train_dpo.py", "--dim", "64", "--data_path", path, "--out_dir", tmp_path,
                       "--device", "cpu", nproc=2, check=False, timeout=300)
     assert_reported_once(proc, f"train_dpo.py: error: {path}:5: 'chosen' and 'rejected' give the same answer")
+
+
+# ---- the tokenizer trainer does not overwrite a tokenizer by default ------------------------------------------------
+
+def test_train_tokenizer_default_run_never_overwrites(tmp_path):
+    script = os.path.join(ROOT, "train_tokenizer.py")
+    data = write_lines(tmp_path / "corpus.jsonl", texts(2000))
+    first = subprocess.run([sys.executable, script, "--data_path", data, "--vocab_size", "300"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    written = (tmp_path / "out" / "tokenizer.json").read_bytes()
+    assert len(json.loads(written)["model"]["vocab"]) == 300
+
+    again = subprocess.run([sys.executable, script, "--data_path", data, "--vocab_size", "280"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert again.returncode == 2
+    assert again.stderr.strip() == ("train_tokenizer.py: error: out/tokenizer.json exists: "
+                                    "pass --out PATH to overwrite it or to write elsewhere")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == written
+
+    named = subprocess.run([sys.executable, script, "--data_path", data, "--vocab_size", "280",
+                            "--out", "out/tokenizer.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert named.returncode == 0, named.stderr
+    assert len(json.loads((tmp_path / "out" / "tokenizer.json").read_bytes())["model"]["vocab"]) == 280
