@@ -148,7 +148,8 @@ def main():
                                               if data.bad_lines else ""))
     eval_data = None
     if args.eval_path:  # held-out preference pairs: their DPO loss before and after
-        eval_data = DPODataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
+        eval_data = DPODataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
+                               flag="--eval_path")
     if args.precompute_ref:
         if eval_data is not None:
             eval_data.ref_logps = precompute_reference(reference, eval_data, args, dist, precision)

@@ -49,7 +49,8 @@ def main():
                f"(first: {data.first_bad})" if data.bad_lines else ""))
     eval_data = None
     if args.eval_path:  # held-out conversations: their answer loss before and after
-        eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None)
+        eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
+                               flag="--eval_path")
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from)

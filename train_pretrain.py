@@ -36,7 +36,8 @@ def main():
                f"{args.max_seq_len}" + (f"; skipped {data.bad_lines} bad lines" if data.bad_lines else ""))
     eval_data = None
     if args.eval_path:  # held-out text: its loss before and after
-        eval_data = PretrainDataset(args.eval_path, tokenizer, args.max_seq_len, cache_dir, dist)
+        eval_data = PretrainDataset(args.eval_path, tokenizer, args.max_seq_len, cache_dir, dist,
+                                    flag="--eval_path")
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_blocks, loss_fn=language_model_loss,
                   terms_per_step=args.batch_size * args.max_seq_len * args.accumulation_steps,
                   eval_dataset=eval_data)

@@ -12,7 +12,7 @@ empty is dropped at batching time and counted.
 import torch
 
 from dataset.chat import ChatFormatError, render_chat, validate_messages
-from dataset.jsonl import DataError, JsonlIndex
+from dataset.jsonl import DataError, JsonlIndex, nothing_usable
 from dataset.sft import pad_batch
 from model.tokenizer import PAD_ID
 
@@ -52,12 +52,14 @@ def pair_of(obj):
 
 
 class DPODataset(torch.utils.data.Dataset):
-    def __init__(self, paths, tokenizer, max_seq_len, system_prompt, skip_bad_lines=False):
+    def __init__(self, paths, tokenizer, max_seq_len, system_prompt, skip_bad_lines=False,
+                 flag="--data_path"):
         self.tokenizer, self.max_seq_len, self.system_prompt = tokenizer, max_seq_len, system_prompt
-        self.index = JsonlIndex(paths)
-        self.good, self.bad_lines, self.first_bad = self.index.scan(pair_of, skip_bad_lines)
+        self.index = JsonlIndex(paths, flag)
+        self.good, bad = self.index.scan(pair_of, skip_bad_lines)
+        self.bad_lines, self.first_bad = bad.count, bad.first
         if len(self.good) == 0:
-            raise ValueError(f"{paths}: no usable preference pairs")
+            raise nothing_usable(self.index.paths, "preference pairs", bad, flag)
         self.ref_logps = None  # filled by --precompute_ref: (len, 2) float32, chosen and rejected
 
     def __len__(self):

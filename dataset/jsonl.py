@@ -8,35 +8,129 @@ in a numpy array (8 bytes a line) and read a line with seek+readline when it is 
 import glob
 import json
 import os
+import sys
+import time
 
 import numpy as np
 
 
 class DataError(ValueError):
-    """Bad input data. The message starts with `file:line:` so an editor can jump to it."""
+    """Bad input data: a malformed line (the message starts with `file:line:` so an editor can jump to it), a
+    missing file, or data with nothing usable in it."""
 
 
 def parse_line(line):
     """One JSONL line (bytes) -> a dict; DataError saying what is wrong (the caller adds file:line)."""
+    line = line.rstrip(b"\r\n")  # else a record cut short is reported at "line 2 column 1", past its newline
     try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"invalid JSON ({e})") from None
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        # e's own message says "line 1 column 13": we name the line (file:line), so keep only the column.
+        where = "at the end of the line" if e.pos >= len(text) else f"at column {e.colno}"
+        raise DataError(f"invalid JSON ({e.msg} {where})") from None
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
+def is_blank(line):
+    """A line of only whitespace holds no record: a blank line between records, or in a Windows (CRLF) file
+    a line holding just the carriage return."""
+    return not line.strip()
+
+
 def numbered_lines(path):
-    """(line number, bytes) of every record line of a file: empty lines are skipped, as in line_offsets."""
+    """(line number, bytes) of every non-empty line of a file: exactly the lines line_offsets indexes, so the
+    n-th line yielded is record n. Whitespace-only lines are yielded too (and counted as records) because
+    line_offsets cannot cheaply tell them apart; every reader skips them with is_blank."""
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line != b"\n":
                 yield lineno, line
 
 
-def expand_paths(spec):
-    """'a.jsonl,dir/*.jsonl' or a list of such -> existing file paths, each glob sorted.
+class BadLines:
+    """The lines skipped with --skip_bad_lines: how many, and the first one's message (to show the user)."""
+
+    def __init__(self):
+        self.count, self.first = 0, None
+
+    def add(self, error):
+        self.count += 1
+        self.first = self.first or str(error)
+
+
+def checked_records(path, check, skip_bad_lines=False, bad=None, progress=None):
+    """Yield (record number, line number, check(parsed object)) for every record of one file, in order.
+
+    Record numbers count the non-empty lines from 0 (JsonlIndex's numbering). Whitespace-only lines are
+    skipped. A bad line (not JSON, or check raises DataError) raises DataError('file:line: message'); with
+    skip_bad_lines it is counted in `bad` (a BadLines) instead. `progress` (a Progress) hears of every byte."""
+    for k, (lineno, line) in enumerate(numbered_lines(path)):
+        if progress is not None:
+            progress.update(len(line))
+        if is_blank(line):
+            continue
+        try:
+            value = check(parse_line(line))
+        except DataError as e:
+            error = DataError(f"{path}:{lineno}: {e}")
+            if not skip_bad_lines:
+                raise error from None
+            bad.add(error)
+            continue
+        yield k, lineno, value
+
+
+class Progress:
+    """Progress of a long pass over data, counted in bytes, on stderr and on rank 0 only (N ranks would
+    print N copies). On a terminal: a tqdm bar, shown only if the pass lasts over two seconds. Otherwise (a
+    log file, a cluster's output): one line every `interval` seconds with the rate and the time left, so a
+    log shows the job is alive and how long it will take."""
+
+    def __init__(self, desc, total_bytes, interval=10.0):
+        from trainer.cli import is_main_rank  # lazily: trainer imports dataset
+        self.desc, self.total, self.interval = desc, total_bytes, interval
+        self.done, self.bar = 0, None
+        self.enabled = is_main_rank()
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(desc=desc, total=total_bytes, unit="B", unit_scale=True, delay=2, leave=False,
+                            file=sys.stderr, dynamic_ncols=True)
+        self.start = self.last_report = time.monotonic()
+
+    def update(self, nbytes):
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+        elif self.enabled and time.monotonic() - self.last_report >= self.interval:
+            self.report()
+
+    def report(self):
+        self.last_report = now = time.monotonic()
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        print(f"{self.desc}: {self.done / 1e6:,.0f} of {self.total / 1e6:,.0f} MB, {rate / 1e6:.1f} MB/s, "
+              f"about {eta:,.0f} s left", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def expand_paths(spec, flag="--data_path"):
+    """'a.jsonl,dir/*.jsonl' or a list of such -> existing file paths, each glob sorted. `flag` is the
+    command-line flag the spec came from, named in the error for a missing file.
 
     A file named again in a later entry is read again: that is how to upsample a small file
     ('sft_*.jsonl,sft_identity.jsonl' reads sft_identity.jsonl twice). Within one glob each file counts once."""
@@ -49,14 +143,22 @@ def expand_paths(spec):
                 continue
             matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
             if not matches:
-                raise FileNotFoundError(f"no file matches {item!r}")
+                raise DataError(f"{flag} {item}: no file matches this pattern")
             for m in matches:
                 if not os.path.isfile(m):
-                    raise FileNotFoundError(f"data file not found: {m}")
+                    raise DataError(f"{flag} {m}: no such data file")
                 paths.append(m)
     if not paths:
-        raise FileNotFoundError(f"no data files in {spec!r}")
+        raise DataError(f"{flag} {spec!r}: names no data file")
     return paths
+
+
+def nothing_usable(paths, what, bad, flag="--data_path"):
+    """The DataError for data that holds no usable record, saying why (bad: the BadLines skipped)."""
+    where = ", ".join(paths)
+    if bad.count:
+        return DataError(f"{where}: no usable {what}: all {bad.count} records were bad lines (first: {bad.first})")
+    return DataError(f"{where}: no usable {what}: the file holds no records (check {flag})")
 
 
 def line_offsets(path, chunk_size=1 << 24):
@@ -71,7 +173,7 @@ def line_offsets(path, chunk_size=1 << 24):
     size = pos
     begins = np.concatenate([np.zeros(1, dtype=np.int64)] + starts)
     ends = np.append(begins[1:] - 1, size)                      # the newline (or end of file) after it
-    # Empty lines (a blank line between records or at the end) are not records.
+    # Empty lines are not records. Whitespace-only lines ("\r\n") stay, as in numbered_lines: readers skip them.
     return begins[ends > begins]
 
 
@@ -82,8 +184,8 @@ class JsonlIndex:
     the file and line. Only the offsets live in memory; file handles are opened lazily per process (so the
     object can be sent to DataLoader workers)."""
 
-    def __init__(self, paths):
-        self.paths = expand_paths(paths)
+    def __init__(self, paths, flag="--data_path"):
+        self.paths = expand_paths(paths, flag)
         self.offsets = [line_offsets(p) for p in self.paths]
         self.cum = np.cumsum([0] + [len(o) for o in self.offsets])
         self._files = {}
@@ -96,7 +198,7 @@ class JsonlIndex:
         return file_idx, i - int(self.cum[file_idx])
 
     def raw(self, i):
-        """(path, 1-based line number, bytes of the line)."""
+        """(path, byte offset of the line, bytes of the line)."""
         file_idx, j = self._locate(i)
         path = self.paths[file_idx]
         f = self._files.get(path)
@@ -126,23 +228,16 @@ class JsonlIndex:
 
     def scan(self, check, skip_bad_lines=False):
         """Validate every record in one sequential pass: check(obj) raises DataError(message) for a bad one.
-        Returns (indices of the good records, number of bad ones, first bad message). Without skip_bad_lines
-        the first bad record raises DataError('file:line: message')."""
-        good, bad, first_bad = [], 0, None
-        for file_idx, path in enumerate(self.paths):
-            k = int(self.cum[file_idx])  # record number of the file's first line
-            for lineno, line in numbered_lines(path):
-                try:
-                    check(parse_line(line))
-                    good.append(k)
-                except DataError as e:
-                    err = DataError(f"{path}:{lineno}: {e}")
-                    if not skip_bad_lines:
-                        raise err from None
-                    bad += 1
-                    first_bad = first_bad or str(err)
-                k += 1
-        return np.array(good, dtype=np.int64), bad, first_bad
+        Returns (indices of the good records, BadLines). Blank lines are neither good nor bad. Without
+        skip_bad_lines the first bad record raises DataError('file:line: message')."""
+        good, bad = [], BadLines()
+        total = sum(os.path.getsize(p) for p in self.paths)
+        with Progress("checking data", total) as progress:
+            for file_idx, path in enumerate(self.paths):
+                first = int(self.cum[file_idx])  # index of the file's first record
+                for k, _, _ in checked_records(path, check, skip_bad_lines, bad, progress):
+                    good.append(first + k)
+        return np.array(good, dtype=np.int64), bad
 
     def __getstate__(self):  # file handles do not pickle; each worker opens its own
         state = dict(self.__dict__)
@@ -150,12 +245,8 @@ class JsonlIndex:
         return state
 
 
-def iter_jsonl(paths):
+def iter_jsonl(paths, flag="--data_path"):
     """Stream (where, object) over every record of the files, in order, one line in memory at a time."""
-    for path in expand_paths(paths):
-        for lineno, line in numbered_lines(path):
-            try:
-                obj = parse_line(line)
-            except DataError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
+    for path in expand_paths(paths, flag):
+        for _, lineno, obj in checked_records(path, lambda obj: obj):
             yield f"{path}:{lineno}", obj

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from dataset.jsonl import DataError, expand_paths, numbered_lines, parse_line
+from dataset.jsonl import BadLines, DataError, Progress, checked_records, expand_paths
 from model.tokenizer import BOS_ID, EOS_ID
 
 
@@ -42,12 +42,18 @@ def document_text(obj):
 
 
 def tokenize_file(path, tokenizer, out_path, skip_bad_lines=False, lines_per_batch=4096):
-    """Stream `path` into a uint16 token file at `out_path`; return stats. Bad lines raise DataError with
-    `file:line`, or are skipped and counted with skip_bad_lines."""
+    """Stream `path` into a uint16 token file at `out_path` and its stats into `out_path`.json; return the
+    stats. Bad lines raise DataError with `file:line`, or are skipped and counted with skip_bad_lines.
+
+    Nothing half-written is ever left under those names (Ctrl-C, a bad line, a full disk): both are written
+    to temporary files, which are removed on any exit, and renamed into place stats first, tokens last, so
+    a token file that exists always has its stats (the cache is looked up by the token file; a stats file
+    left alone by an interrupt between the two renames is simply rewritten next time)."""
     if tokenizer.vocab_size > 65535:
         raise ValueError("uint16 token cache needs a vocabulary below 65536")
     stats = {"documents": 0, "tokens": 0, "bad_lines": 0, "first_bad": None}
-    tmp = f"{out_path}.tmp{os.getpid()}"
+    bad = BadLines()
+    tmp, tmp_stats = f"{out_path}.tmp{os.getpid()}", f"{out_path}.json.tmp{os.getpid()}"
 
     def flush(texts, out):
         for ids in tokenizer.encode_batch(texts):
@@ -56,61 +62,80 @@ def tokenize_file(path, tokenizer, out_path, skip_bad_lines=False, lines_per_bat
             stats["tokens"] += len(arr)
         stats["documents"] += len(texts)
 
-    with open(tmp, "wb") as out:
-        texts = []
-        for lineno, line in numbered_lines(path):
-            try:
-                texts.append(document_text(parse_line(line)))
-            except DataError as e:
-                err = DataError(f"{path}:{lineno}: {e}")
-                if not skip_bad_lines:
-                    out.close()
-                    os.remove(tmp)
-                    raise err from None
-                stats["bad_lines"] += 1
-                stats["first_bad"] = stats["first_bad"] or str(err)
-            if len(texts) >= lines_per_batch:
-                flush(texts, out)
-                texts = []
-        if texts:
+    try:
+        with open(tmp, "wb") as out, Progress(f"tokenising {path}", os.path.getsize(path)) as progress:
+            texts = []
+            for _, _, text in checked_records(path, document_text, skip_bad_lines, bad, progress):
+                texts.append(text)
+                if len(texts) >= lines_per_batch:
+                    flush(texts, out)
+                    texts = []
             flush(texts, out)
-    os.replace(tmp, out_path)
-    with open(out_path + ".json", "w") as f:
-        json.dump(stats, f)
+        stats["bad_lines"], stats["first_bad"] = bad.count, bad.first
+        with open(tmp_stats, "w") as f:
+            json.dump(stats, f)
+        os.replace(tmp_stats, out_path + ".json")
+        os.replace(tmp, out_path)
+    finally:
+        for leftover in (tmp, tmp_stats):  # still there only if we did not finish
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return stats
+
+
+def cache_path(path, tokenizer, cache_dir):
+    """Where the token cache of one JSONL file lives: named by its file, size, mtime and the tokenizer."""
+    return os.path.join(cache_dir, f"{os.path.basename(path)}.{_cache_key(path, tokenizer)}.u16")
+
+
+def read_stats(cache):
+    with open(cache + ".json") as f:
+        return json.load(f)
+
+
+def ensure_cache(path, cache, tokenizer, skip_bad_lines):
+    """Tokenise `path` into `cache` unless an earlier run did. A cache made with --skip_bad_lines holds a
+    file with bad lines: without the flag it raises the DataError of the first, as tokenising would."""
+    if not os.path.exists(cache):
+        tokenize_file(path, tokenizer, cache, skip_bad_lines)
+    stats = read_stats(cache)
+    if stats["bad_lines"] and not skip_bad_lines:
+        raise DataError(stats["first_bad"])
 
 
 class PretrainDataset(torch.utils.data.Dataset):
     """Blocks of max_seq_len + 1 token ids over the concatenated documents of one or more JSONL files.
-    dataset[i] -> {"input_ids": (T,), "targets": (T,)}; no padding anywhere."""
+    dataset[i] -> {"input_ids": (T,), "targets": (T,)}; no padding anywhere. `flag` is the command-line flag
+    the paths came from (--data_path, --eval_path), named in error messages."""
 
-    def __init__(self, paths, tokenizer, max_seq_len, cache_dir, dist=None, skip_bad_lines=False):
+    def __init__(self, paths, tokenizer, max_seq_len, cache_dir, dist=None, skip_bad_lines=False,
+                 flag="--data_path"):
         self.max_seq_len = max_seq_len
-        self.paths = expand_paths(paths)
+        self.paths = expand_paths(paths, flag)
         os.makedirs(cache_dir, exist_ok=True)
-        caches = []
-        for path in self.paths:
-            name = f"{os.path.basename(path)}.{_cache_key(path, tokenizer)}.u16"
-            caches.append(os.path.join(cache_dir, name))
-        # Rank 0 tokenises what is not cached yet; the others wait, then everyone maps the same files.
-        if dist is None or dist.is_main:
+        caches = [cache_path(path, tokenizer, cache_dir) for path in self.paths]
+
+        def tokenize_missing():
             for path, cache in zip(self.paths, caches):
-                if not os.path.exists(cache):
-                    tokenize_file(path, tokenizer, cache, skip_bad_lines)
-        if dist is not None:
-            dist.barrier()
+                ensure_cache(path, cache, tokenizer, skip_bad_lines)
+        # Rank 0 tokenises what is not cached yet while the others wait, then everyone maps the same files.
+        # main_first hands a bad line's DataError on to the other ranks: it is reported once, by rank 0.
+        if dist is None:
+            tokenize_missing()
+        else:
+            dist.main_first(tokenize_missing)
+
         self.caches, self._maps = caches, None
-        self.stats = []  # per file named (a file named twice appears twice)
+        self.stats = [read_stats(cache) for cache in caches]  # per file named (a file named twice: twice)
         self.block_starts = []  # per file: the number of blocks before it
         n_blocks = 0
         for cache in caches:
-            with open(cache + ".json") as f:
-                self.stats.append(json.load(f))
             self.block_starts.append(n_blocks)
             n_blocks += max(0, (os.path.getsize(cache) // 2 - 1) // max_seq_len)
         self.n_blocks = n_blocks
         if self.n_blocks == 0:
-            raise ValueError(f"{paths}: fewer than {max_seq_len + 1} tokens of text, not even one block")
+            raise DataError(f"{', '.join(self.paths)}: {self.total_tokens} tokens of text, fewer than one block "
+                            f"needs ({max_seq_len + 1}): lower --max_seq_len or add text ({flag})")
 
     @property
     def bad_lines(self):

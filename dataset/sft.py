@@ -9,7 +9,7 @@ sample whose supervised tokens were all cut off is dropped at batching time and 
 import torch
 
 from dataset.chat import ChatFormatError, render_chat, validate_messages
-from dataset.jsonl import DataError, JsonlIndex
+from dataset.jsonl import DataError, JsonlIndex, nothing_usable
 from model.tokenizer import PAD_ID
 
 
@@ -28,12 +28,14 @@ def conversation_of(obj):
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, tokenizer, max_seq_len, system_prompt, skip_bad_lines=False):
+    def __init__(self, paths, tokenizer, max_seq_len, system_prompt, skip_bad_lines=False,
+                 flag="--data_path"):
         self.tokenizer, self.max_seq_len, self.system_prompt = tokenizer, max_seq_len, system_prompt
-        self.index = JsonlIndex(paths)
-        self.good, self.bad_lines, self.first_bad = self.index.scan(conversation_of, skip_bad_lines)
+        self.index = JsonlIndex(paths, flag)
+        self.good, bad = self.index.scan(conversation_of, skip_bad_lines)
+        self.bad_lines, self.first_bad = bad.count, bad.first
         if len(self.good) == 0:
-            raise ValueError(f"{paths}: no usable conversations")
+            raise nothing_usable(self.index.paths, "conversations", bad, flag)
 
     def __len__(self):
         return len(self.good)
