@@ -62,22 +62,24 @@ def parse_args():
     ap.add_argument("--out_dir", default="out", help="where --model_mode finds {stage}_{dim}.pth")
     ap.add_argument("--dim", type=int, default=None, help="picks {stage}_{dim}.pth; checked against the checkpoint")
     ap.add_argument("--n_layers", type=int, default=None, help="checked against the checkpoint")
-    ap.add_argument("--tokenizer_path", default=None, help=f"tokenizer.json (default: {DEFAULT_TOKENIZER})")
+    ap.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: the bundled model/tokenizer/tokenizer.json)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     ap.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for no system message")
     ap.add_argument("--history_cnt", type=non_negative_int, default=0,
                     help="earlier MESSAGES kept as context, counted as in MiniMind2: 2 = the last question and "
-                         "its answer, 4 = the last two exchanges; an odd number is rounded down; 0: every prompt "
-                         "starts a new conversation")
+                         "its answer, 4 = the last two exchanges; an odd number is rounded down; 0 (the default): "
+                         "every prompt starts a new conversation")
     ap.add_argument("--max_seq_len", type=positive_int, default=None,
                     help="context in tokens for history + prompt + answer (default: the checkpoint's "
-                         "max_seq_len); when it is full, the oldest exchanges are dropped")
+                         "max_seq_len); when it is full, the oldest exchanges are dropped. In MiniMind2 it also "
+                         "capped the answer: here that is --max_new_tokens")
     ap.add_argument("--max_new_tokens", type=positive_int, default=512,
-                    help="longest answer in tokens (an answer also ends where the context does)")
+                    help="longest answer in tokens; up to half the context is kept free for it, the prompt and "
+                         "history get the rest, and an answer also ends where the context does")
     ap.add_argument("--temperature", type=non_negative_float, default=0.85, help="0: greedy")
     ap.add_argument("--top_p", type=probability_mass, default=0.85,
                     help="nucleus sampling: keep the likeliest tokens up to this probability mass; 1: off")
-    ap.add_argument("--top_k", type=non_negative_int, default=0, help="keep the k likeliest tokens; 0: off")
+    ap.add_argument("--top_k", type=non_negative_int, default=0, help="keep the k likeliest tokens; 0 (the default): off")
     ap.add_argument("--repetition_penalty", type=positive_float, default=1.0,
                     help="> 1 makes tokens already in the text less likely; 1: off")
     ap.add_argument("--seed", type=int, default=None,
@@ -110,9 +112,7 @@ class StreamPrinter:
 def read_lines(args, chat, interactive):
     """The user's lines: the built-in prompts (--auto), a terminal (with line editing), or a pipe."""
     if args.auto:
-        for prompt in AUTO_PROMPTS["chat" if chat else "text"]:
-            note(f"> {prompt}")
-            yield prompt
+        yield from AUTO_PROMPTS["chat" if chat else "text"]
         return
     while True:
         if interactive:
@@ -129,7 +129,6 @@ def read_lines(args, chat, interactive):
             if not line:
                 return
             line = line.rstrip("\r\n")  # "\r\n" too: a file written on Windows must not send "你好\r"
-            note(f"> {line}")
         if line.strip():
             yield line
 
@@ -183,6 +182,8 @@ def main():
         note("Type /help for the commands; Ctrl-D exits.")
     history = []  # the conversation the model sees: user and assistant messages, oldest first
     for line in read_lines(args, chat, interactive):
+        if not interactive:  # show which prompt each answer belongs to (a terminal already shows the typing)
+            note(f"> {line}")
         command = line.strip()
         if command == "/exit":
             break
