@@ -2,15 +2,18 @@
 
     python eval_model.py                          # the SFT model in out/ (chat)
     python eval_model.py --model_mode 2           # the DPO model; 0 = the pretrained model (continues text)
-    python eval_model.py --checkpoint out/full_sft_768.pth
+    python eval_model.py --checkpoint out/full_sft_768.pth --history_cnt 4   # remembers the last 2 exchanges
     python eval_model.py --auto                   # a built-in list of zh + en prompts, then exit
-    echo 你好 | python eval_model.py              # one prompt per line from a pipe
+    echo 你好 | python eval_model.py > answers.txt   # one prompt per line; stdout gets only the answers
 
-The model config is read from the checkpoint (--dim/--n_layers are only checked against it).
+In a terminal: arrow keys edit the line and recall earlier ones; /clear forgets the conversation, /help lists
+the commands, /exit or Ctrl-D quits. Ctrl-C stops an answer while it streams (that exchange is left out of
+the conversation) and clears the line at the prompt. Status lines (the model, tokens/s, notes) go to stderr.
+
+The model config is read from the checkpoint (--dim/--n_layers are only checked against it). Sampling is
+random; the seed of each run is printed, and --seed N repeats a run exactly.
 """
 import argparse
-import glob
-import os
 import sys
 import time
 
@@ -19,11 +22,11 @@ import torch
 from dataset.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from model.generate import generate
 from model.tokenizer import BOS_ID, DEFAULT_TOKENIZER, EOS_ID, Tokenizer
-from trainer.checkpoint import load_model
+from trainer.checkpoint import find_stage_checkpoint, load_model
+from trainer.cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_main
+from trainer.distributed import pick_device
 
-MODES = {0: ("pretrain", "python train_pretrain.py"),
-         1: ("full_sft", "python train_full_sft.py"),
-         2: ("rlhf", "python train_dpo.py")}
+MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf"}
 
 AUTO_PROMPTS = {
     "text": ["「学习」读作", "《静夜思》 唐·李白\n", "water (noun):", "person (noun): a human being."],
@@ -32,26 +35,57 @@ AUTO_PROMPTS = {
            "Define the word \"happy\"."],
 }
 
+COMMANDS = {"/clear": "forget the conversation so far", "/help": "list these commands",
+            "/exit": "quit (Ctrl-D does too)"}
+HELP = "\n".join([f"  {name:<7} {what}" for name, what in COMMANDS.items()] +
+                 ["Any other line is sent to the model. Ctrl-C stops an answer; at the prompt it clears the line."])
 
-def find_checkpoint(args):
-    """The checkpoint to load: --checkpoint, or {out_dir}/{stage}_{dim}.pth for --model_mode."""
-    if args.checkpoint:
-        return args.checkpoint
-    stage, command = MODES[args.model_mode]
-    if args.dim is not None:
-        path = os.path.join(args.out_dir, f"{stage}_{args.dim}.pth")
-        candidates = [path] if os.path.exists(path) else []
-    else:
-        candidates = sorted(p for p in glob.glob(os.path.join(args.out_dir, f"{stage}_*.pth"))
-                            if not p.endswith("_resume.pth"))
-        path = os.path.join(args.out_dir, f"{stage}_<dim>.pth")
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        sys.exit(f"several {stage} checkpoints in {args.out_dir}: {candidates}; choose one with --dim")
-    sys.exit(f"no checkpoint {path}. It is written by the {stage} stage: run `{command}"
-             f"{' --dim ' + str(args.dim) if args.dim else ''} --out_dir {args.out_dir}` (or `make demo`), "
-             f"or pass --checkpoint PATH.")
+
+def note(text):
+    """A status line. It goes to stderr, so that stdout holds only the answers (`... > answers.txt`)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def probability_mass(text):
+    """argparse type for --top_p: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def parse_args():
+    ap = ArgumentParser(description=__doc__)
+    ap.add_argument("--model_mode", type=int, default=1, choices=sorted(MODES),
+                    help="0: pretrain (continues text), 1: full_sft, 2: rlhf (DPO)")
+    ap.add_argument("--checkpoint", default=None, help="a checkpoint path (overrides --model_mode)")
+    ap.add_argument("--out_dir", default="out", help="where --model_mode finds {stage}_{dim}.pth")
+    ap.add_argument("--dim", type=int, default=None, help="picks {stage}_{dim}.pth; checked against the checkpoint")
+    ap.add_argument("--n_layers", type=int, default=None, help="checked against the checkpoint")
+    ap.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: the bundled model/tokenizer/tokenizer.json)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    ap.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for no system message")
+    ap.add_argument("--history_cnt", type=non_negative_int, default=0,
+                    help="earlier MESSAGES kept as context, counted as in MiniMind2: 2 = the last question and "
+                         "its answer, 4 = the last two exchanges; an odd number is rounded down; 0 (the default): "
+                         "every prompt starts a new conversation")
+    ap.add_argument("--max_seq_len", type=positive_int, default=None,
+                    help="context in tokens for history + prompt + answer (default: the checkpoint's "
+                         "max_seq_len); when it is full, the oldest exchanges are dropped. In MiniMind2 it also "
+                         "capped the answer: here that is --max_new_tokens")
+    ap.add_argument("--max_new_tokens", type=positive_int, default=512,
+                    help="longest answer in tokens; up to half the context is kept free for it, the prompt and "
+                         "history get the rest, and an answer also ends where the context does")
+    ap.add_argument("--temperature", type=non_negative_float, default=0.85, help="0: greedy")
+    ap.add_argument("--top_p", type=probability_mass, default=0.85,
+                    help="nucleus sampling: keep the likeliest tokens up to this probability mass; 1: off")
+    ap.add_argument("--top_k", type=non_negative_int, default=0, help="keep the k likeliest tokens; 0 (the default): off")
+    ap.add_argument("--repetition_penalty", type=positive_float, default=1.0,
+                    help="> 1 makes tokens already in the text less likely; 1: off")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="repeat a run's sampling exactly (default: a new seed every run, printed at the start)")
+    ap.add_argument("--auto", action="store_true", help="answer a built-in list of prompts and exit")
+    return ap.parse_args()
 
 
 class StreamPrinter:
@@ -75,82 +109,128 @@ class StreamPrinter:
         return self.tokenizer.decode(self.ids)
 
 
-def prompts(args, chat):
+def read_lines(args, chat, interactive):
+    """The user's lines: the built-in prompts (--auto), a terminal (with line editing), or a pipe."""
     if args.auto:
         yield from AUTO_PROMPTS["chat" if chat else "text"]
         return
-    interactive = sys.stdin.isatty()
     while True:
-        try:
-            line = input("\n> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            return
-        if not interactive and line == "":
-            return
-        line = line.rstrip("\n")
+        if interactive:
+            try:
+                line = input("> ")
+            except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line, as in a shell
+                print()
+                continue
+            except EOFError:           # Ctrl-D: end the last line, so the shell's prompt starts on its own
+                print()
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+            line = line.rstrip("\r\n")  # "\r\n" too: a file written on Windows must not send "你好\r"
         if line.strip():
             yield line
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_mode", type=int, default=1, choices=sorted(MODES),
-                    help="0: pretrain (continue text), 1: full_sft, 2: rlhf (DPO)")
-    ap.add_argument("--checkpoint", default=None, help="a checkpoint path (overrides --model_mode)")
-    ap.add_argument("--out_dir", default="out")
-    ap.add_argument("--dim", type=int, default=None, help="checked against the checkpoint")
-    ap.add_argument("--n_layers", type=int, default=None, help="checked against the checkpoint")
-    ap.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
-    ap.add_argument("--history_cnt", type=int, default=0, help="earlier exchanges (user + answer) kept as context")
-    ap.add_argument("--max_new_tokens", type=int, default=512)
-    ap.add_argument("--temperature", type=float, default=0.85, help="0: greedy")
-    ap.add_argument("--top_p", type=float, default=0.85)
-    ap.add_argument("--top_k", type=int, default=0, help="0: off")
-    ap.add_argument("--repetition_penalty", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None, help="fix sampling for reproducible answers")
-    ap.add_argument("--auto", action="store_true", help="answer a built-in list of prompts and exit")
-    args = ap.parse_args()
+def build_prompt(tokenizer, history, prompt, chat, system_prompt, limit):
+    """The token ids to generate from, and the part of `history` they include: the oldest exchanges are dropped
+    until the ids fit in `limit` tokens. The ids are longer than `limit` only when the new prompt alone is (the
+    caller refuses it). Text continuation (a pretrained model) has no history and no chat template."""
+    if not chat:
+        return [BOS_ID] + tokenizer.encode(prompt), history
+    while True:
+        messages = history + [{"role": "user", "content": prompt}]
+        ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True, system_prompt=system_prompt or None)
+        if len(ids) <= limit or not history:
+            return ids, history
+        history = history[2:]  # drop the oldest exchange: a question and its answer
 
-    path = find_checkpoint(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+def main():
+    args = parse_args()
+    device = pick_device(args.device, 0, 1)
+    path = args.checkpoint or find_stage_checkpoint(args.out_dir, MODES[args.model_mode], args.dim,
+                                                    flag="--checkpoint")
     model, cfg, ckpt = load_model(path, {"dim": args.dim, "n_layers": args.n_layers})
     model.to(device).eval()
-    tokenizer = Tokenizer(args.tokenizer_path)
+    # None means the bundled tokenizer (a later change may take it from the checkpoint instead).
+    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
     # Mode 0 (or a pretraining checkpoint) continues raw text: a pretrained model has never seen the template.
     chat = ckpt.get("stage") != "pretrain" if args.checkpoint else args.model_mode != 0
-    print(f"{path}: {model.num_parameters() / 1e6:.2f}M parameters, stage {ckpt.get('stage')}, step "
-          f"{ckpt.get('step')}; {'chat' if chat else 'text continuation'} on {device}", flush=True)
+    context = args.max_seq_len or cfg.max_seq_len
+    # Without --seed, a fresh seed from the OS every run (torch's default seed would give the same "random"
+    # answers each time); it is printed, so a run worth keeping can be repeated with --seed.
     generator = torch.Generator(device=device)
-    if args.seed is not None:
-        generator.manual_seed(args.seed)
+    seed = generator.manual_seed(args.seed).initial_seed() if args.seed is not None else generator.seed()
+    note(f"{path}: {model.num_parameters() / 1e6:.2f}M parameters, stage {ckpt.get('stage')}, step "
+         f"{ckpt.get('step')}; {'chat' if chat else 'text continuation'} on {device}, context {context} tokens, "
+         f"seed {seed}")
+    if context > cfg.max_seq_len:
+        note(f"note: the model was trained on {cfg.max_seq_len} tokens; past that its answers may fall apart")
+    # MiniMind2 counts messages (user and assistant); an odd count would start the history with an answer.
+    keep = args.history_cnt - args.history_cnt % 2
+    if keep != args.history_cnt:
+        note(f"note: --history_cnt counts messages (2 = one exchange); using {keep}")
+    # Room kept free for the answer: --max_new_tokens, but at most half the context, so that a long
+    # --max_new_tokens does not crowd out the conversation. The prompt gets the rest.
+    prompt_limit = context - min(args.max_new_tokens, context // 2)
 
-    history = []
-    for prompt in prompts(args, chat):
-        if chat:
-            messages = history[-2 * args.history_cnt:] if args.history_cnt else []
-            messages = messages + [{"role": "user", "content": prompt}]
-            ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True,
-                                 system_prompt=args.system_prompt or None)
-        else:
-            ids = [BOS_ID] + tokenizer.encode(prompt)
-        if not sys.stdin.isatty() or args.auto:
-            print(f"\n> {prompt}")
+    interactive = sys.stdin.isatty() and not args.auto
+    if interactive:
+        import readline  # noqa: F401 - imported for its side effect: input() gets line editing and history
+        note("Type /help for the commands; Ctrl-D exits.")
+    history = []  # the conversation the model sees: user and assistant messages, oldest first
+    for line in read_lines(args, chat, interactive):
+        if not interactive:  # show which prompt each answer belongs to (a terminal already shows the typing)
+            note(f"> {line}")
+        command = line.strip()
+        if command == "/exit":
+            break
+        if command == "/clear":
+            history = []
+            note("[conversation cleared]")
+            continue
+        if command == "/help":
+            note(HELP)
+            continue
+
+        ids, kept = build_prompt(tokenizer, history, line, chat, args.system_prompt, prompt_limit)
+        if len(ids) > prompt_limit:
+            note(f"[prompt refused: it is {len(ids)} tokens{' with the chat template' if chat else ''}; the "
+                 f"context is {context} tokens, {context - prompt_limit} of them kept for the answer. Shorten it, "
+                 f"or lower --max_new_tokens]")
+            continue
+        if len(kept) < len(history):
+            note(f"[dropped the oldest {(len(history) - len(kept)) // 2} exchange(s) to fit the context of "
+                 f"{context} tokens]")
+            history = kept
+
         printer = StreamPrinter(tokenizer, sys.stdout)
         t0, n = time.perf_counter(), 0
-        for tok in generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                            args.repetition_penalty, generator=generator):
-            printer.add(tok)
-            n += 1
+        try:
+            for tok in generate(model, ids, min(args.max_new_tokens, context - len(ids)), args.temperature,
+                                args.top_k, args.top_p, args.repetition_penalty, generator=generator):
+                printer.add(tok)
+                n += 1
+        except KeyboardInterrupt:
+            if not interactive:  # from a pipe or --auto, Ctrl-C stops the program (run_main: exit 130)
+                raise
+            # The unfinished answer stays on the screen but not in the conversation: it never got its </s>,
+            # and the question alone would leave two user turns in a row.
+            print(flush=True)
+            note("[stopped; this exchange is left out of the conversation]")
+            continue
+        print(flush=True)  # ends the answer's last line: one answer per prompt on stdout
         seconds = time.perf_counter() - t0
-        print(f"\n[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]", flush=True)
-        if chat and printer.text().strip():  # an empty answer would break the chat template's rules
-            history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": printer.text()}]
+        note(f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]")
+        if chat and keep and printer.text().strip():  # an empty answer would break the chat template's rules
+            history = (history + [{"role": "user", "content": line},
+                                  {"role": "assistant", "content": printer.text()}])[-keep:]
 
 
 if __name__ == "__main__":
     try:
-        main()
+        run_main(main)
     except BrokenPipeError:  # e.g. `python eval_model.py --auto | head`: the reader left, stop quietly
         sys.stderr.close()

@@ -3,7 +3,8 @@
 Why a wrapper: by default `tokenizers` turns the *text* "</s>" into the special end-of-turn id. If a user types
 "</s><s>assistant" into a chat, that would let them forge a turn. Here `encode` always treats input as plain
 text; special ids are only ever inserted by our own code (the chat template, the pretraining packer) from the
-constants below. MiniMind2's own tokenizer.json uses the same ids and works unchanged.
+constants below. MiniMind2's own tokenizer.json uses the same ids and works unchanged, under either of its
+two sets of names for them (see SPECIAL_TOKEN_NAMES).
 """
 import os
 
@@ -15,18 +16,28 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: MiniMind2's layout
 PAD_ID = UNK_ID = 0                        # <unk> doubles as padding; padded positions are never supervised
 BOS_ID = 1                                 # <s>: starts a document / a chat turn
 EOS_ID = 2                                 # </s>: ends a document / a chat turn; generation stops on it
+# MiniMind2's later tokenizer.json names the same three ids <|endoftext|>, <|im_start|>, <|im_end|>. Only the
+# names differ: the ids and their roles are the same, so both files work (decode shows the file's names).
+SPECIAL_TOKEN_NAMES = (SPECIAL_TOKENS, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+
+
+class TokenizerError(ValueError):
+    """A missing or incompatible tokenizer file: a user mistake, reported in one line."""
 
 
 class Tokenizer:
     def __init__(self, path=DEFAULT_TOKENIZER):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path} (train one with `python train_tokenizer.py`)")
+            raise TokenizerError(f"tokenizer file not found: {path} (train one with `python train_tokenizer.py`)")
         self.path = path
-        self._tok = HFTokenizer.from_file(path)
-        for want_id, token in enumerate(SPECIAL_TOKENS):
-            got = self._tok.token_to_id(token)
-            if got != want_id:
-                raise ValueError(f"{path}: special token {token!r} has id {got}, expected {want_id}")
+        try:
+            self._tok = HFTokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - not JSON / not a tokenizer: name the file, not serde's internals
+            raise TokenizerError(f"{path} is not a readable tokenizer.json ({e})") from None
+        names = [self._tok.id_to_token(i) for i in range(len(SPECIAL_TOKENS))]
+        if names not in SPECIAL_TOKEN_NAMES:
+            raise TokenizerError(f"{path}: ids 0, 1, 2 are {names}, expected "
+                                 f"{' or '.join(map(str, SPECIAL_TOKEN_NAMES))} (pad/unknown, start, end)")
         # Never match special tokens inside text: "</s>" typed by a user stays the five characters "</s>".
         self._tok.encode_special_tokens = True
 
@@ -42,7 +53,7 @@ class Tokenizer:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
-        """Token ids -> text; special tokens are rendered as their text ("<s>", "</s>")."""
+        """Token ids -> text; special tokens are rendered as their names in the file ("<s>", "</s>")."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def id_to_token(self, i):

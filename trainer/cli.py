@@ -1,10 +1,10 @@
 """How every script starts and ends for the person at the keyboard: user mistakes as one line, not a traceback.
 
 A user mistake (a bad flag or value, a missing file, a malformed data line, a flag that conflicts with a
-checkpoint) is raised as a UserError (or a DataError / ChatFormatError / ConfigError, which are the same kind
-of thing) and ends the script with ONE line on stderr naming the problem and the fix, and exit status 2.
-Under torchrun every rank raises it, and only rank 0 prints it. Anything else is a bug in this code and keeps
-its traceback; `--debug` shows the traceback of user mistakes too.
+checkpoint) is raised as a UserError (or a DataError / ChatFormatError / ConfigError / TokenizerError, which
+are the same kind of thing) and ends the script with ONE line on stderr naming the problem and the fix, and
+exit status 2. Under torchrun every rank raises it, and only rank 0 prints it. Anything else is a bug in this
+code and keeps its traceback; `--debug` shows the traceback of user mistakes too.
 
     if __name__ == "__main__":
         run_main(main)
@@ -27,7 +27,8 @@ def user_error_types():
     from dataset.chat import ChatFormatError
     from dataset.jsonl import DataError
     from model.config import ConfigError
-    return (UserError, DataError, ChatFormatError, ConfigError)
+    from model.tokenizer import TokenizerError
+    return (UserError, DataError, ChatFormatError, ConfigError, TokenizerError)
 
 
 def is_main_rank():
