@@ -84,7 +84,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS):
+        no_default = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        if "default" in text or no_default:
             return text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
