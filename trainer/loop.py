@@ -29,7 +29,7 @@ from trainer.args import RESUME_FIXED
 from trainer.checkpoint import atomic_save, model_payload, read_checkpoint, resume_path, stage_path, unwrap
 from trainer.cli import UserError, is_main_rank
 from trainer.evaluate import held_out_loss
-from trainer.metrics import MetricsLogger, Progress
+from trainer.metrics import MetricsLogger, TrainingProgress
 from trainer.schedule import lr_at
 
 
@@ -288,7 +288,8 @@ def run_training(model, stage: Stage, args, dist, precision):
         logger.log({"step": 0, "phase": "before", **results})
         dist.print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     stop = StopRequest()
-    progress = Progress(stage.name, total_steps, start_step, dist.is_main, args.no_progress, stage.log_decimals)
+    progress = TrainingProgress(stage.name, total_steps, start_step, dist.is_main, args.no_progress,
+                                stage.log_decimals)
     last_step = start_step
     model.train()
     t_log, tokens_since_log = time.time(), 0

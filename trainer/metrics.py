@@ -65,7 +65,7 @@ def clock(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class Progress:
+class TrainingProgress:
     """Rank 0's view of the run: a tqdm bar, or (no_bar) one line per logged step:
 
         pretrain  step 120/700 (17%)  loss 4.1234  lr 1.98e-03  12,480 tok/s  0:41 elapsed, ETA 3:17
