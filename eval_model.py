@@ -14,6 +14,7 @@ The model config is read from the checkpoint (--dim/--n_layers are only checked 
 random; the seed of each run is printed, and --seed N repeats a run exactly.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -22,7 +23,7 @@ import torch
 from dataset.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from model.generate import generate
 from model.tokenizer import BOS_ID, DEFAULT_TOKENIZER, EOS_ID, Tokenizer
-from trainer.checkpoint import find_stage_checkpoint, load_model
+from trainer.checkpoint import attach_lora, find_stage_checkpoint, load_model
 from trainer.cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_main
 from trainer.distributed import pick_device
 
@@ -84,6 +85,8 @@ def parse_args():
                     help="> 1 makes tokens already in the text less likely; 1: off")
     ap.add_argument("--seed", type=int, default=None,
                     help="repeat a run's sampling exactly (default: a new seed every run, printed at the start)")
+    ap.add_argument("--lora_name", default=None,
+                    help="add the LoRA adapters {out_dir}/lora/{lora_name}_{dim}.pth (train_lora.py) to the model")
     ap.add_argument("--auto", action="store_true", help="answer a built-in list of prompts and exit")
     return ap.parse_args()
 
@@ -153,6 +156,10 @@ def main():
     path = args.checkpoint or find_stage_checkpoint(args.out_dir, MODES[args.model_mode], args.dim,
                                                     flag="--checkpoint")
     model, cfg, ckpt = load_model(path, {"dim": args.dim, "n_layers": args.n_layers})
+    if args.lora_name:
+        lora_path = os.path.join(args.out_dir, "lora", f"{args.lora_name}_{cfg.dim}.pth")
+        lora = attach_lora(model, lora_path)
+        note(f"+ LoRA adapters {lora_path} (rank {lora['rank']}, trained on {lora['base']})")
     model.to(device).eval()
     # None means the bundled tokenizer (a later change may take it from the checkpoint instead).
     tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)

@@ -4,6 +4,7 @@ likely than the rejected one, measured relative to a frozen reference copy of th
     python train_dpo.py                                         # demo pairs, from out/full_sft_{dim}.pth
     python train_dpo.py --data_path dataset/demo/dpo_identity.jsonl   # the identity lab
     torchrun --nproc_per_node 2 train_dpo.py --n_layers 16 --dim 768 --batch_size 4 --use_wandb
+    python train_dpo.py --lora_rank 16 --merge_lora              # LoRA: the reference is the base, no copy
 
 --batch_size counts pairs (each pair is two sequences). Writes {out_dir}/rlhf_{dim}.pth (eval --model_mode 2).
 The loss itself is in trainer/losses.py; this file wires data, policy and reference together.
@@ -17,13 +18,14 @@ import torch
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.dpo import DPODataset, collate_pairs
+from model.lora import BaseModel, load_lora, lora_state_dict, merge_lora
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-from trainer.args import base_parser, model_flags
-from trainer.checkpoint import atomic_save, find_stage_checkpoint, load_model
+from trainer.args import add_lora_flags, base_parser, model_flags
+from trainer.checkpoint import atomic_save, find_stage_checkpoint, load_model, model_payload, stage_path
 from trainer.cli import non_negative_float, positive_float, run_main
 from trainer.losses import DPO_LOSS_TYPES, LABEL_SMOOTHING_TYPES, dpo_loss, sequence_logps
 from trainer.loop import Stage, run_training
-from trainer.setup import describe_model, finish, seed_rank, start
+from trainer.setup import apply_lora, describe_model, finish, seed_rank, start
 
 
 def completion_logps(model, batch, autocast):
@@ -125,7 +127,12 @@ def main():
                         help="score the reference once before training and free it (memory of SFT)")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for conversations that have none ('' for none)")
+    add_lora_flags(parser, default_rank=None)
+    parser.add_argument("--merge_lora", action="store_true",
+                        help="with --lora_rank: also write the merged model as {out_dir}/{save_name}_{dim}.pth")
     args = parser.parse_args()
+    if args.merge_lora and not args.lora_rank:
+        parser.error("--merge_lora needs --lora_rank (without LoRA the output is already a full model)")
     if not 0 <= args.label_smoothing < 0.5:
         parser.error("--label_smoothing must be in [0, 0.5)")
     if args.label_smoothing and args.loss_type not in LABEL_SMOOTHING_TYPES:
@@ -138,8 +145,16 @@ def main():
     model, cfg, _ = load_model(init_from, flags)
     dist.print(f"policy and reference initialised from {init_from}")
     describe_model(model, dist)
-    # The reference: a frozen copy of the starting weights. Eval mode, no gradients, never wrapped in DDP.
-    reference = copy.deepcopy(model).eval().requires_grad_(False).to(dist.device)
+    lora = None
+    if args.lora_rank:
+        # Policy = base + adapters; reference = the same weights with the adapters off: no second model.
+        lora = apply_lora(model.to(dist.device), args)
+        reference = BaseModel(model)
+        dist.print(f"LoRA rank {lora['rank']}: {lora['trainable_parameters']:,} trainable parameters; the "
+                   f"reference is the base model (adapters off)")
+    else:
+        # The reference: a frozen copy of the starting weights. Eval mode, no gradients, never wrapped in DDP.
+        reference = copy.deepcopy(model).eval().requires_grad_(False).to(dist.device)
     seed_rank(args, dist)
 
     data = DPODataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None,
@@ -166,12 +181,24 @@ def main():
         reference = None
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
+    extra_state = {"dpo": {"beta": args.beta, "loss_type": args.loss_type, "init_from": init_from,
+                           "data_path": args.data_path}}
+    out_dir = args.out_dir
+    if lora:  # the output is the adapters: {out_dir}/lora/{save_name}_{dim}.pth
+        args.out_dir = os.path.join(out_dir, "lora")
+        extra_state["lora"] = {**lora, "base": init_from}
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_pairs,
                   loss_fn=make_dpo_step(reference, args), terms_per_step=args.batch_size * args.accumulation_steps,
-                  eval_dataset=eval_data, init_from=init_from,
-                  extra_state={"dpo": {"beta": args.beta, "loss_type": args.loss_type,
-                                       "init_from": init_from, "data_path": args.data_path}})
+                  eval_dataset=eval_data, init_from=init_from, extra_state=extra_state,
+                  save_weights=lora_state_dict if lora else None, load_weights=load_lora if lora else None)
     run_training(model, stage, args, dist, precision)
+    if lora and args.merge_lora and dist.is_main:
+        # Fold the adapters into the weights: a plain model, usable as any stage checkpoint (eval --model_mode 2).
+        merged = stage_path(out_dir, args.save_name, cfg.dim)
+        payload = torch.load(stage_path(args.out_dir, args.save_name, cfg.dim), weights_only=False)
+        atomic_save({**model_payload(merge_lora(model), args.save_name, payload["step"]), "args": payload["args"],
+                     "dpo": extra_state["dpo"], "merged_lora": extra_state["lora"]}, merged)
+        dist.print(f"merged the adapters into {merged}")
     finish()
 
 

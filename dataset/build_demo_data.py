@@ -503,6 +503,8 @@ def main():
     write_jsonl(os.path.join(args.out, "sft_identity.jsonl"), sft)
     write_jsonl(os.path.join(args.out, "dpo_identity.jsonl"), dpo)
     write_jsonl(os.path.join(args.out, "eval_identity.jsonl"), eval_)
+    # The LoRA lab (train_lora.py): the new name taught by supervised fine-tuning, i.e. DPO's chosen answers.
+    write_jsonl(os.path.join(args.out, "lora_identity.jsonl"), [{"conversations": pair["chosen"]} for pair in dpo])
     for fname in sorted(os.listdir(args.out)):
         path = os.path.join(args.out, fname)
         with open(path, encoding="utf-8") as f:

@@ -70,6 +70,18 @@ def base_parser(description, *, stage, lr, epochs, batch_size, max_seq_len, data
     return p
 
 
+def add_lora_flags(parser, default_rank):
+    """--lora_rank / --lora_alpha / --lora_targets (model/lora.py), for train_lora.py and train_dpo.py."""
+    from model.lora import LORA_TARGETS
+    g = parser.add_argument_group("LoRA (train low-rank adapters; the base weights stay frozen)")
+    g.add_argument("--lora_rank", type=positive_int, default=default_rank,
+                   help="rank r of each adapter B A" + ("" if default_rank else " (default: no LoRA, full training)"))
+    g.add_argument("--lora_alpha", type=positive_float, default=None,
+                   help="the update is scaled by alpha / r (default: alpha = r, scale 1, as in MiniMind2's LoRA)")
+    g.add_argument("--lora_targets", default=",".join(LORA_TARGETS),
+                   help="comma-separated linear layers of each block that get adapters")
+
+
 def model_flags(args):
     """The model-config values given on the command line (None = not given)."""
     return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")}

@@ -57,6 +57,13 @@ def find_stage_checkpoint(out_dir, stage, dim=None, flag="--init_from"):
                     f"`{STAGE_COMMANDS.get(stage, stage)} --out_dir {out_dir}` (or `make demo`), or pass {flag} PATH")
 
 
+def config_difference(saved, current, fields=None):
+    """'dim 64 in the file vs 128 now' for the config fields (all, or `fields`) where two config dicts differ."""
+    keys = sorted(fields or set(saved) | set(current))
+    return "; ".join(f"{k} {saved.get(k)} in the file vs {current.get(k)} now" for k in keys
+                     if saved.get(k) != current.get(k))
+
+
 def atomic_save(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -129,3 +136,19 @@ def load_model(path, flags=None, stage_hint=None):
     model = Transformer(cfg)
     model.load_state_dict(clean_state_dict(ckpt["model"]), strict=True)
     return model, cfg, ckpt
+
+
+def attach_lora(model, path):
+    """Add the adapters saved by train_lora.py (or LoRA DPO) at `path` to `model`, a loaded base model. Their
+    base config must be the model's. Returns the file's 'lora' settings."""
+    from model.lora import add_lora, load_lora
+    ckpt = read_checkpoint(path)
+    if "lora" not in ckpt:
+        raise UserError(f"{path} holds no LoRA adapters (it is a {ckpt.get('stage')} checkpoint)")
+    difference = config_difference(ckpt["config"], model.cfg.to_dict(), ARCH_FIELDS)
+    if difference:
+        raise UserError(f"the adapters {path} were trained on another model ({difference})")
+    lora = ckpt["lora"]
+    add_lora(model, lora["rank"], lora["alpha"], targets=lora["targets"])
+    load_lora(model, ckpt["model"])
+    return lora

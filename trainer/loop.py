@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from dataset.sampler import BatchPlan
 from trainer.args import RESUME_FIXED
-from trainer.checkpoint import atomic_save, model_payload, read_checkpoint, resume_path, stage_path, unwrap
+from trainer.checkpoint import (atomic_save, config_difference, model_payload, read_checkpoint, resume_path,
+                                stage_path, unwrap)
 from trainer.cli import UserError, is_main_rank
 from trainer.evaluate import held_out_loss
 from trainer.metrics import MetricsLogger, TrainingProgress
@@ -50,6 +51,10 @@ class Stage:
     log_decimals: int = 4
     extra_state: dict = field(default_factory=dict)   # saved into every checkpoint (e.g. the stage's flags)
     init_from: str = None        # the checkpoint the model was loaded from: never overwritten by this run
+    # What "model" holds in the checkpoints, and how a resume loads it back. Default: every weight. LoRA saves
+    # and loads only its adapters (model/lora.py), so its files are small and the base stays untouched.
+    save_weights: object = None  # model -> state dict
+    load_weights: object = None  # (model, state dict) -> None
 
 
 def capture_rng():
@@ -97,13 +102,6 @@ def make_loader(dataset, batch_sampler, collate_fn, num_workers, device):
                       pin_memory=device.type == "cuda")
 
 
-def config_difference(saved, current):
-    """'dim 64 (file) vs 128 (now)' for the fields where two config dicts differ."""
-    keys = sorted(set(saved) | set(current))
-    return "; ".join(f"{k} {saved.get(k)} in the file vs {current.get(k)} now" for k in keys
-                     if saved.get(k) != current.get(k))
-
-
 def check_resume_flags(saved_args, args, saved_world_size, world_size, res_path, dist):
     """--resume continues THE SAME run: refuse flags that change the data order or the LR schedule (naming the
     flag, both values and how to start fresh), warn about any other changed flag."""
@@ -128,7 +126,7 @@ def check_resume_flags(saved_args, args, saved_world_size, world_size, res_path,
             dist.print(f"warning: --resume with --{name} {current[name]} (the run was started with {saved_args[name]})")
 
 
-def load_resume(res_path, model, optimizer, scaler, args, dist):
+def load_resume(res_path, model, optimizer, scaler, args, dist, load_weights=None):
     """Load the resume file into model, optimizer and scaler after checking it belongs to this run.
     Returns (start_step, wandb_id, counters)."""
     if not os.path.exists(res_path):
@@ -139,7 +137,10 @@ def load_resume(res_path, model, optimizer, scaler, args, dist):
     if state["config"] != cfg:
         raise UserError(f"--resume: {res_path} holds another model ({config_difference(state['config'], cfg)})")
     check_resume_flags(state.get("args", {}), args, state["world_size"], dist.world_size, res_path, dist)
-    unwrap(model).load_state_dict(state["model"], strict=True)
+    if load_weights is not None:
+        load_weights(unwrap(model), state["model"])
+    else:
+        unwrap(model).load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if state["world_size"] == dist.world_size:
@@ -233,7 +234,7 @@ def run_training(model, stage: Stage, args, dist, precision):
     # global batch ("empty"), or a NaN/inf loss.
     counters = {"tokens": 0, "empty_steps": 0, "nonfinite_steps": 0, "dropped_samples": 0}
     if args.resume:
-        start_step, wandb_id, saved = load_resume(res_path, model, optimizer, scaler, args, dist)
+        start_step, wandb_id, saved = load_resume(res_path, model, optimizer, scaler, args, dist, stage.load_weights)
         counters.update(saved)
         if "skipped_steps" in saved:  # a resume file from before the split by cause
             counters["nonfinite_steps"] += counters.pop("skipped_steps")
@@ -253,6 +254,8 @@ def run_training(model, stage: Stage, args, dist, precision):
             # The flags go in too (and the command line), so a checkpoint says how it was made.
             payload = {**model_payload(model, stage.name, step), **stage.extra_state,
                        "args": {**vars(args), "_argv": sys.argv[1:]}}
+            if stage.save_weights is not None:
+                payload["model"] = stage.save_weights(unwrap(model))
             atomic_save(payload, out_path)
             atomic_save({**payload, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // plan.steps_per_epoch, "world_size": dist.world_size,

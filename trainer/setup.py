@@ -4,6 +4,7 @@ import random
 import numpy as np
 import torch
 
+from trainer.cli import UserError
 from trainer.distributed import cleanup_distributed, setup_distributed
 from trainer.precision import setup_precision
 
@@ -34,6 +35,18 @@ def describe_model(model, dist):
     cfg = model.cfg
     dist.print(f"model: {n / 1e6:.2f}M parameters ({n:,}); dim {cfg.dim}, {cfg.n_layers} layers, "
                f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv heads, ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}")
+
+
+def apply_lora(model, args):
+    """Wrap the model's target layers in LoRA adapters per --lora_rank/--lora_alpha/--lora_targets and freeze
+    the rest. Returns the settings, saved next to the adapters so they can be rebuilt (attach_lora)."""
+    from model.lora import LORA_TARGETS, add_lora
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if not targets or set(targets) - set(LORA_TARGETS):
+        raise UserError(f"--lora_targets {args.lora_targets}: choose from {','.join(LORA_TARGETS)}")
+    alpha = args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)
+    n = add_lora(model, args.lora_rank, alpha, targets=targets)
+    return {"rank": args.lora_rank, "alpha": alpha, "targets": list(targets), "trainable_parameters": n}
 
 
 def finish():
