@@ -23,6 +23,7 @@ from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import add_lora_flags, base_parser, model_flags
 from trainer.checkpoint import atomic_save, find_stage_checkpoint, load_model, model_payload, stage_path
 from trainer.cli import non_negative_float, positive_float, run_main
+from trainer.fsdp import shard_model
 from trainer.losses import DPO_LOSS_TYPES, LABEL_SMOOTHING_TYPES, dpo_loss, sequence_logps
 from trainer.loop import Stage, run_training
 from trainer.setup import apply_lora, describe_model, finish, seed_rank, start
@@ -181,6 +182,8 @@ def main():
         reference = None
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.fsdp and reference is not None and not lora:
+        shard_model(reference, precision)  # the frozen copy is sharded like the policy: 1/N of it per process
     extra_state = {"dpo": {"beta": args.beta, "loss_type": args.loss_type, "init_from": init_from,
                            "data_path": args.data_path}}
     out_dir = args.out_dir

@@ -56,6 +56,9 @@ def base_parser(description, *, stage, lr, epochs, batch_size, max_seq_len, data
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on a GPU that supports it, else float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over the torchrun processes (FSDP2) "
+                        "instead of a full copy each (DDP)")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log_interval", type=positive_int, default=10, help="steps between log lines")

@@ -93,10 +93,11 @@ def unwrap(model):
     return model
 
 
-def model_payload(model, stage, step):
+def model_payload(model, stage, step, state_dict=None):
+    """What a stage checkpoint holds. `state_dict`: the weights when they had to be gathered (FSDP)."""
     model = unwrap(model)
-    return {"model": clean_state_dict(model.state_dict()), "config": model.cfg.to_dict(), "stage": stage,
-            "step": step}
+    weights = clean_state_dict(state_dict if state_dict is not None else model.state_dict())
+    return {"model": weights, "config": model.cfg.to_dict(), "stage": stage, "step": step}
 
 
 def read_checkpoint(path, stage_hint=None):

@@ -30,6 +30,7 @@ from trainer.checkpoint import (atomic_save, config_difference, model_payload, r
                                 stage_path, unwrap)
 from trainer.cli import UserError, is_main_rank
 from trainer.evaluate import held_out_loss
+from trainer.fsdp import full_model_state, full_norm, full_optimizer_state, is_sharded, load_full_state, shard_model
 from trainer.metrics import MetricsLogger, TrainingProgress
 from trainer.schedule import lr_at
 
@@ -81,9 +82,11 @@ def make_optimizer(model, lr, weight_decay, device):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-def wrap_model(model, args, dist):
-    """The module the training steps call: torch.compile'd (--compile) and/or DDP-wrapped (under torchrun).
-    `model` itself stays the plain Transformer: checkpoints and evaluation use it directly."""
+def wrap_model(model, args, dist, precision):
+    """The module the training steps call: torch.compile'd (--compile) and/or DDP-wrapped (under torchrun), or
+    sharded in place with FSDP2 (--fsdp). `model` stays the Transformer: checkpoints and evaluation use it."""
+    if args.fsdp:
+        return shard_model(model, precision)
     train_model = model
     if args.compile:
         dist.print("--compile: the first step compiles the model (tens of seconds to minutes) ...")
@@ -93,6 +96,29 @@ def wrap_model(model, args, dist):
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         train_model = DDP(train_model, device_ids=device_ids)
     return train_model
+
+
+def gradient_sync(train_model, sync):
+    """With gradient accumulation only the last micro-batch's backward needs to combine gradients across
+    processes (DDP's all-reduce, FSDP's reduce-scatter): the others just add into the local gradients."""
+    if is_sharded(train_model):
+        train_model.set_requires_gradient_sync(sync)
+    elif isinstance(train_model, DDP) and not sync:
+        return train_model.no_sync()
+    return contextlib.nullcontext()
+
+
+def check_fsdp_flags(args, stage, dist):
+    if not args.fsdp:
+        return
+    if not dist.enabled:
+        raise UserError("--fsdp shards the model over processes: run under torchrun with 2 or more "
+                        "(torchrun --nproc_per_node N ...), or drop --fsdp")
+    if args.compile:
+        raise UserError("--fsdp with --compile is not supported yet: drop one of them")
+    if stage.save_weights is not None:
+        raise UserError("--fsdp with LoRA is not supported yet: LoRA's frozen base needs no sharding of its "
+                        "optimizer state; drop --fsdp")
 
 
 def make_loader(dataset, batch_sampler, collate_fn, num_workers, device):
@@ -120,7 +146,7 @@ def check_resume_flags(saved_args, args, saved_world_size, world_size, res_path,
             raise UserError(f"--resume: --{name} {current.get(name)} differs from {saved_args[name]} in {res_path} "
                             f"(it changes the data order or the learning-rate schedule). Resume with --{name} "
                             f"{saved_args[name]}, {fresh}")
-    quiet = {"resume", "debug", "no_progress", "num_workers", "_argv", "batch_size", "accumulation_steps"}
+    quiet = {"resume", "debug", "no_progress", "num_workers", "_argv", "batch_size", "accumulation_steps", "fsdp"}
     for name in sorted(set(saved_args) - quiet - set(RESUME_FIXED)):
         if name in current and saved_args[name] != current[name]:
             dist.print(f"warning: --resume with --{name} {current[name]} (the run was started with {saved_args[name]})")
@@ -137,11 +163,17 @@ def load_resume(res_path, model, optimizer, scaler, args, dist, load_weights=Non
     if state["config"] != cfg:
         raise UserError(f"--resume: {res_path} holds another model ({config_difference(state['config'], cfg)})")
     check_resume_flags(state.get("args", {}), args, state["world_size"], dist.world_size, res_path, dist)
-    if load_weights is not None:
-        load_weights(unwrap(model), state["model"])
+    if state.get("args", {}).get("fsdp", False) != args.fsdp:  # the optimizer state is stored differently
+        raise UserError(f"--resume: {res_path} was written {'with' if not args.fsdp else 'without'} --fsdp; "
+                        f"resume {'with' if not args.fsdp else 'without'} it")
+    if is_sharded(model):
+        load_full_state(model, optimizer, state["model"], state["optimizer"])
     else:
-        unwrap(model).load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+        if load_weights is not None:
+            load_weights(unwrap(model), state["model"])
+        else:
+            unwrap(model).load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if state["world_size"] == dist.world_size:
         restore_rng(state["rng"][dist.rank])
@@ -226,6 +258,8 @@ def run_training(model, stage: Stage, args, dist, precision):
     warmup = min(args.warmup_iters, total_steps // 5)
     if warmup != args.warmup_iters:
         dist.print(f"note: --warmup_iters {args.warmup_iters} cut to {warmup} (a fifth of the {total_steps} steps)")
+    check_fsdp_flags(args, stage, dist)
+    train_model = wrap_model(model, args, dist, precision)   # FSDP shards `model` itself, before the optimizer
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, device)
     scaler = precision.grad_scaler()
 
@@ -239,7 +273,6 @@ def run_training(model, stage: Stage, args, dist, precision):
         if "skipped_steps" in saved:  # a resume file from before the split by cause
             counters["nonfinite_steps"] += counters.pop("skipped_steps")
 
-    train_model = wrap_model(model, args, dist)
     logger = MetricsLogger(os.path.join(args.out_dir, f"{stage.name}_{cfg.dim}_log.jsonl"), dist.is_main,
                            args.use_wandb, args.wandb_project, f"{stage.name}_{cfg.dim}",
                            {**vars(args), "model": cfg.to_dict()}, wandb_id, start_step)
@@ -250,14 +283,18 @@ def run_training(model, stage: Stage, args, dist, precision):
         if not stopping:
             check_something_learnt(counters, step, out_path)
         rng = dist.all_gather_object(capture_rng())
+        weights, optimizer_state = None, None
+        if is_sharded(model):  # every process gathers its shards into the full tensors rank 0 writes
+            weights, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
         if dist.is_main:
             # The flags go in too (and the command line), so a checkpoint says how it was made.
-            payload = {**model_payload(model, stage.name, step), **stage.extra_state,
+            payload = {**model_payload(model, stage.name, step, weights), **stage.extra_state,
                        "args": {**vars(args), "_argv": sys.argv[1:]}}
             if stage.save_weights is not None:
                 payload["model"] = stage.save_weights(unwrap(model))
             atomic_save(payload, out_path)
-            atomic_save({**payload, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            optimizer_state = optimizer_state or optimizer.state_dict()
+            atomic_save({**payload, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // plan.steps_per_epoch, "world_size": dist.world_size,
                          "rng": rng, "wandb_id": logger.wandb_id, "counters": dict(counters)}, res_path)
         dist.barrier()
@@ -305,9 +342,7 @@ def run_training(model, stage: Stage, args, dist, precision):
             n_terms, step_tokens, n_dropped, metric_sums = 0, 0, 0, {}
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                last = i == len(micro_batches) - 1
-                sync = last or not dist.enabled
-                with contextlib.nullcontext() if sync else train_model.no_sync():
+                with gradient_sync(train_model, sync=i == len(micro_batches) - 1):
                     loss, n, metrics = stage.loss_fn(train_model, batch, precision.autocast)
                     # Scale by a fixed constant (the same on every rank); corrected exactly after the step.
                     scaler.scale(loss / stage.terms_per_step).backward()
@@ -342,7 +377,8 @@ def run_training(model, stage: Stage, args, dist, precision):
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(correction)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")))
+                grad_norm = float(full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                           args.grad_clip or float("inf"))))
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,62 @@
+"""FSDP2 (`--fsdp`): shard the parameters, gradients and optimizer states over the processes (like ZeRO-3),
+with PyTorch's own `fully_shard` (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html).
+
+DDP keeps a whole copy of the model, its gradients and both AdamW moments on every GPU: 16 bytes a parameter
+in float32. FSDP keeps 1/N of each on each of N processes and all-gathers one block's weights just before the
+block runs (forward and backward), then frees them again; gradients are reduce-scattered so each process only
+holds and updates its own shard. Per-process memory for the model state drops from 16 B to 16/N B a parameter.
+
+fully_shard works in place: the Transformer stays a Transformer (same parameter names, same state-dict keys),
+its parameters become DTensors (each process holds a shard). So checkpoints are gathered to full tensors
+before saving: the files are the same as without FSDP. It runs on CPU with gloo, so tests run without GPUs.
+"""
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+# Full (unsharded) tensors, on CPU: what a checkpoint file holds. Every process takes part in gathering them.
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard_model(model, precision):
+    """Shard each transformer block, then the root (embeddings, final norm and the tied head), in place.
+
+    One unit per block means only one block's full weights exist at a time (plus the root's). Under bfloat16
+    on CUDA the weights are gathered and used in bfloat16 and gradients are reduced in float32 (the master
+    weights and the optimizer stay float32), as autocast would do without FSDP."""
+    mp = None
+    if precision.device_type == "cuda" and precision.dtype == torch.bfloat16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": mp} if mp else {}
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def is_sharded(model):
+    return isinstance(model, FSDPModule)
+
+
+def full_model_state(model):
+    """The full state dict of a sharded model (a collective: every process must call it)."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def full_optimizer_state(model, optimizer):
+    """The full optimizer state of a sharded model, keyed by parameter name (a collective)."""
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """Load full state dicts (from a checkpoint) into a sharded model and its optimizer: each process keeps
+    its own shard."""
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_norm(norm):
+    """clip_grad_norm_ of sharded gradients returns a DTensor: the total norm as a plain tensor."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
