@@ -18,10 +18,11 @@ import torch
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.dpo import DPODataset, collate_pairs
-from model.lora import BaseModel, load_lora, lora_state_dict, merge_lora
+from model.lora import BaseModel, adapters_only, load_lora, merge_lora
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import add_lora_flags, base_parser, model_flags
-from trainer.checkpoint import atomic_save, find_stage_checkpoint, load_model, model_payload, stage_path
+from trainer.checkpoint import (atomic_save, attach_lora, find_stage_checkpoint, load_model, model_payload,
+                                stage_path)
 from trainer.cli import non_negative_float, positive_float, run_main
 from trainer.fsdp import shard_model
 from trainer.losses import DPO_LOSS_TYPES, LABEL_SMOOTHING_TYPES, dpo_loss, sequence_logps
@@ -193,13 +194,17 @@ def main():
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_pairs,
                   loss_fn=make_dpo_step(reference, args), terms_per_step=args.batch_size * args.accumulation_steps,
                   eval_dataset=eval_data, init_from=init_from, extra_state=extra_state,
-                  save_weights=lora_state_dict if lora else None, load_weights=load_lora if lora else None)
+                  save_weights=adapters_only if lora else None, load_weights=load_lora if lora else None)
     run_training(model, stage, args, dist, precision)
     if lora and args.merge_lora and dist.is_main:
-        # Fold the adapters into the weights: a plain model, usable as any stage checkpoint (eval --model_mode 2).
+        # Fold the saved adapters into the base weights: a plain model, usable as any stage checkpoint
+        # (eval --model_mode 2). Rebuilt from the two files, so it is the same with or without --fsdp.
+        adapters = stage_path(args.out_dir, args.save_name, cfg.dim)
+        base = load_model(init_from)[0]
+        attach_lora(base, adapters)
+        payload = torch.load(adapters, weights_only=False)
         merged = stage_path(out_dir, args.save_name, cfg.dim)
-        payload = torch.load(stage_path(args.out_dir, args.save_name, cfg.dim), weights_only=False)
-        atomic_save({**model_payload(merge_lora(model), args.save_name, payload["step"]), "args": payload["args"],
+        atomic_save({**model_payload(merge_lora(base), args.save_name, payload["step"]), "args": payload["args"],
                      "dpo": extra_state["dpo"], "merged_lora": extra_state["lora"]}, merged)
         dist.print(f"merged the adapters into {merged}")
     finish()

@@ -13,7 +13,7 @@ import os
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.sft import SFTDataset, collate_sft
-from model.lora import load_lora, lora_state_dict
+from model.lora import adapters_only, load_lora
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import add_lora_flags, base_parser, model_flags
 from trainer.checkpoint import find_stage_checkpoint, load_model
@@ -57,7 +57,7 @@ def main():
     stage = Stage(name=args.lora_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from,
-                  save_weights=lora_state_dict, load_weights=load_lora,
+                  save_weights=adapters_only, load_weights=load_lora,
                   extra_state={"lora": {**lora, "base": init_from}})
     run_training(model, stage, args, dist, precision)
     finish()

@@ -86,9 +86,14 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def adapters_only(state_dict):
+    """The adapters of a full state dict: {'layers.0.attention.wq.lora_A': ..., ...}."""
+    return {k: v for k, v in state_dict.items() if ".lora_" in k}
+
+
 def lora_state_dict(model):
-    """Only the adapters: {'layers.0.attention.wq.lora_A': ..., ...}."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k}
+    """Only the adapters of a model, as a state dict of copies."""
+    return {k: v.detach().clone() for k, v in adapters_only(model.state_dict()).items()}
 
 
 def load_lora(model, state_dict):

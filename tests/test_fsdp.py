@@ -78,3 +78,20 @@ def test_fsdp_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path):
 def test_fsdp_needs_torchrun(tmp_path):
     proc = run_script("train_pretrain.py", *pretrain_args(str(tmp_path), "--max_steps", "1", "--fsdp"), check=False)
     assert proc.returncode == 2 and "--fsdp shards the model over processes" in proc.stderr
+
+
+def test_fsdp_lora_dpo_equals_ddp_lora_dpo(tmp_path, tiny_sft):
+    """The combination that fits a 72B DPO on 8 GPUs (bench/memory_plan.py): sharded base + adapters, the
+    reference being the base with the adapters off."""
+    for name in ("ddp", "fsdp"):
+        shutil.copytree(tiny_sft, tmp_path / name)
+        run_script("train_dpo.py", "--out_dir", tmp_path / name, "--max_steps", "6", "--batch_size", "2",
+                   "--max_seq_len", "128", "--learning_rate", "1e-2", "--lora_rank", "4", "--merge_lora",
+                   "--data_path", "dataset/demo/dpo_identity.jsonl", "--log_interval", "1", "--no_progress",
+                   "--device", "cpu", *(["--fsdp"] if name == "fsdp" else []), nproc=2)
+    ddp, fsdp = (read_log(tmp_path / name / "lora" / "rlhf_64_log.jsonl") for name in ("ddp", "fsdp"))
+    np.testing.assert_allclose([r["loss"] for r in fsdp], [r["loss"] for r in ddp], rtol=0, atol=1e-5)
+    assert abs(ddp[0]["loss"] - np.log(2)) < 1e-6 and ddp[-1]["loss"] < ddp[0]["loss"] - 0.01
+    a, b = (torch.load(tmp_path / name / "rlhf_64.pth", weights_only=False)["model"] for name in ("ddp", "fsdp"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)

@@ -50,10 +50,10 @@ def full_optimizer_state(model, optimizer):
     return get_optimizer_state_dict(model, optimizer, options=FULL)
 
 
-def load_full_state(model, optimizer, model_state, optimizer_state):
+def load_full_state(model, optimizer, model_state, optimizer_state, strict=True):
     """Load full state dicts (from a checkpoint) into a sharded model and its optimizer: each process keeps
-    its own shard."""
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    its own shard. strict=False: `model_state` holds only part of the weights (LoRA's adapters)."""
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=strict))
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
 
 

@@ -54,7 +54,7 @@ class Stage:
     init_from: str = None        # the checkpoint the model was loaded from: never overwritten by this run
     # What "model" holds in the checkpoints, and how a resume loads it back. Default: every weight. LoRA saves
     # and loads only its adapters (model/lora.py), so its files are small and the base stays untouched.
-    save_weights: object = None  # model -> state dict
+    save_weights: object = None  # full state dict -> the part to save
     load_weights: object = None  # (model, state dict) -> None
 
 
@@ -116,9 +116,6 @@ def check_fsdp_flags(args, stage, dist):
                         "(torchrun --nproc_per_node N ...), or drop --fsdp")
     if args.compile:
         raise UserError("--fsdp with --compile is not supported yet: drop one of them")
-    if stage.save_weights is not None:
-        raise UserError("--fsdp with LoRA is not supported yet: LoRA's frozen base needs no sharding of its "
-                        "optimizer state; drop --fsdp")
 
 
 def make_loader(dataset, batch_sampler, collate_fn, num_workers, device):
@@ -167,7 +164,7 @@ def load_resume(res_path, model, optimizer, scaler, args, dist, load_weights=Non
         raise UserError(f"--resume: {res_path} was written {'with' if not args.fsdp else 'without'} --fsdp; "
                         f"resume {'with' if not args.fsdp else 'without'} it")
     if is_sharded(model):
-        load_full_state(model, optimizer, state["model"], state["optimizer"])
+        load_full_state(model, optimizer, state["model"], state["optimizer"], strict=load_weights is None)
     else:
         if load_weights is not None:
             load_weights(unwrap(model), state["model"])
@@ -291,7 +288,7 @@ def run_training(model, stage: Stage, args, dist, precision):
             payload = {**model_payload(model, stage.name, step, weights), **stage.extra_state,
                        "args": {**vars(args), "_argv": sys.argv[1:]}}
             if stage.save_weights is not None:
-                payload["model"] = stage.save_weights(unwrap(model))
+                payload["model"] = stage.save_weights(payload["model"])
             atomic_save(payload, out_path)
             optimizer_state = optimizer_state or optimizer.state_dict()
             atomic_save({**payload, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
