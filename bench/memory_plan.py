@@ -91,9 +91,9 @@ def plan(cfg, *, devices=1, strategy="ddp", stage="sft", lora_rank=0, precompute
     # FSDP gathers one block's full weights (in the compute dtype) around its forward and its backward.
     gathered = block_params(cfg) * DTYPE_BYTES[dtype] if strategy == "fsdp" else 0
     parts = {
-        "weights": (n * fb / shards + trained * 4 if lora_rank else n * 4 / shards) + gathered,
-        "grads": trained * 4 / (1 if lora_rank else shards),
-        "optimizer": trained * 8 / (1 if lora_rank else shards),
+        "weights": ((n * fb + trained * 4 if lora_rank else n * 4) / shards) + gathered,
+        "grads": trained * 4 / shards,
+        "optimizer": trained * 8 / shards,
         "reference": n * fb / shards if stage == "dpo" and not lora_rank and not precompute_ref else 0,
     }
     sequences = batch_size * (2 if stage == "dpo" else 1)

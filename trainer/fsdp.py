@@ -32,7 +32,9 @@ def shard_model(model, precision):
     kwargs = {"mp_policy": mp} if mp else {}
     for block in model.layers:
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root keeps its gathered weights after forward by default (backward needs them next). A frozen
+    # model (DPO's reference) never runs backward, so it would keep them for good: reshard explicitly.
+    fully_shard(model, reshard_after_forward=True, **kwargs)
     return model
 
 
