@@ -1,5 +1,6 @@
 """eval_model.py as a terminal program: Ctrl-C / Ctrl-D / commands in a real pseudo-terminal, stdout holding
 only the answers, the context limit, the sampling seed, MiniMind2's tokenizer names and one-line user errors."""
+import codecs
 import os
 import pty
 import re
@@ -46,6 +47,8 @@ class Terminal:
             os.chdir(ROOT)
             os.execve(sys.executable, [sys.executable, "eval_model.py", *map(str, args)], ENV)
         self.seen = ""     # everything the terminal showed so far (stdout and stderr together)
+        # Incremental: a read may end in the middle of a multi-byte character (readline echoes byte by byte).
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def expect(self, pattern, timeout=60):
         """Read until `pattern` (a regex) appears after what earlier calls consumed; return the text up to it."""
@@ -55,7 +58,7 @@ class Terminal:
             if not ready:
                 raise AssertionError(f"timed out waiting for {pattern!r}; the terminal showed:\n{self.seen}")
             try:
-                self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
+                self.seen += self._decoder.decode(os.read(self.fd, 4096))
             except OSError:  # the child exited and closed the terminal
                 raise AssertionError(f"no {pattern!r} before the program ended:\n{self.seen}") from None
         before, self.seen = self.seen[:match.end()], self.seen[match.end():]
@@ -72,7 +75,7 @@ class Terminal:
                 return os.waitstatus_to_exitcode(status)
             try:  # keep draining the terminal so the child never blocks on a full buffer
                 if select.select([self.fd], [], [], 0.1)[0]:
-                    self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
+                    self.seen += self._decoder.decode(os.read(self.fd, 4096))
             except OSError:
                 pass
         os.kill(self.pid, signal.SIGKILL)
