@@ -34,6 +34,9 @@ STRATEGIES = {   # name: (processes, plan keyword arguments)
     "DDP x2, live reference": (2, {"strategy": "ddp"}),
     "FSDP x2, live reference": (2, {"strategy": "fsdp"}),
     "FSDP x2, LoRA r16": (2, {"strategy": "fsdp", "lora_rank": 16}),
+    # --grad_checkpointing: the same state; the peak shrinks by the activations it no longer keeps.
+    "DDP, live reference, checkpointing": (1, {"strategy": "ddp", "checkpointing": True}),
+    "FSDP x2, LoRA r16, checkpointing": (2, {"strategy": "fsdp", "lora_rank": 16, "checkpointing": True}),
 }
 
 
@@ -74,6 +77,7 @@ def worker(args):
     torch.manual_seed(0)
     cfg = ModelConfig(dim=dim, n_layers=n_layers, max_seq_len=args.seq)
     policy = Transformer(cfg)
+    policy.set_grad_checkpointing(kw.get("checkpointing", False))
     reference = None
     if kw.get("lora_rank"):
         add_lora(policy, kw["lora_rank"], kw["lora_rank"])

@@ -4,6 +4,7 @@ without an index, exactly as torch.cuda.set_device does ("Expected a torch.devic
 import pytest
 import torch
 
+from model import ModelConfig, Transformer
 from trainer import distributed, loop
 from trainer.cli import UserError
 from trainer.distributed import DistInfo, pick_device, setup_distributed
@@ -123,11 +124,12 @@ def test_ddp_gets_the_gpu_index_on_cuda_and_none_on_cpu(monkeypatch):
     monkeypatch.setattr(loop, "DDP", lambda module, device_ids: wrapped.append(device_ids) or module)
 
     class Args:
-        compile = False
-    model = torch.nn.Linear(2, 2)
-    assert loop.wrap_model(model, Args, DistInfo(1, 1, 2, torch.device("cuda", 1))) is model
-    loop.wrap_model(model, Args, DistInfo(0, 0, 2, torch.device("cpu")))
-    loop.wrap_model(model, Args, DistInfo(0, 0, 1, torch.device("cuda", 0)))   # one process: no DDP at all
+        compile = fsdp = grad_checkpointing = False
+    model = Transformer(ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32))
+    precision = None   # only FSDP reads it
+    assert loop.wrap_model(model, Args, DistInfo(1, 1, 2, torch.device("cuda", 1)), precision) is model
+    loop.wrap_model(model, Args, DistInfo(0, 0, 2, torch.device("cpu")), precision)
+    loop.wrap_model(model, Args, DistInfo(0, 0, 1, torch.device("cuda", 0)), precision)   # one process: no DDP
     assert wrapped == [[1], None]
 
 

@@ -23,10 +23,15 @@ def test_fsdp_pretraining_equals_ddp(tmp_path):
     args = ["--max_steps", "8", "--accumulation_steps", "2"]   # accumulation: no gradient sync on micro-step 1
     run_script("train_pretrain.py", *pretrain_args(str(tmp_path / "ddp"), *args), nproc=2)
     run_script("train_pretrain.py", *pretrain_args(str(tmp_path / "fsdp"), *args, "--fsdp"), nproc=2)
+    # Activation checkpointing inside the sharded blocks: the blocks are recomputed in the backward pass.
+    run_script("train_pretrain.py", *pretrain_args(str(tmp_path / "fsdp_ac"), *args, "--fsdp", "--grad_checkpointing"),
+               nproc=2)
     ddp = [r["loss"] for r in read_log(tmp_path / "ddp" / "pretrain_64_log.jsonl")]
     fsdp = [r["loss"] for r in read_log(tmp_path / "fsdp" / "pretrain_64_log.jsonl")]
-    assert len(ddp) == len(fsdp) == 8 and ddp[-1] < ddp[0]
+    fsdp_ac = [r["loss"] for r in read_log(tmp_path / "fsdp_ac" / "pretrain_64_log.jsonl")]
+    assert len(ddp) == len(fsdp) == len(fsdp_ac) == 8 and ddp[-1] < ddp[0]
     np.testing.assert_allclose(fsdp, ddp, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fsdp_ac, ddp, rtol=0, atol=1e-5)
     # The checkpoint is gathered to full tensors: the same file as without FSDP (keys, shapes, values).
     a = torch.load(tmp_path / "ddp" / "pretrain_64.pth", weights_only=False)
     b = torch.load(tmp_path / "fsdp" / "pretrain_64.pth", weights_only=False)

@@ -56,6 +56,9 @@ def base_parser(description, *, stage, lr, epochs, batch_size, max_seq_len, data
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on a GPU that supports it, else float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="store only each block's input and recompute the block in the backward pass: activation "
+                        "memory of one block instead of all, for about a third more compute")
     g.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimizer state over the torchrun processes (FSDP2) "
                         "instead of a full copy each (DDP)")

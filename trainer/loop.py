@@ -84,7 +84,10 @@ def make_optimizer(model, lr, weight_decay, device):
 
 def wrap_model(model, args, dist, precision):
     """The module the training steps call: torch.compile'd (--compile) and/or DDP-wrapped (under torchrun), or
-    sharded in place with FSDP2 (--fsdp). `model` stays the Transformer: checkpoints and evaluation use it."""
+    sharded in place with FSDP2 (--fsdp). `model` stays the Transformer: checkpoints and evaluation use it.
+    --grad_checkpointing is set on the blocks first, so under FSDP the recomputation runs inside each sharded
+    block (its weights are gathered for the backward anyway)."""
+    unwrap(model).set_grad_checkpointing(args.grad_checkpointing)
     if args.fsdp:
         return shard_model(model, precision)
     train_model = model
@@ -143,7 +146,8 @@ def check_resume_flags(saved_args, args, saved_world_size, world_size, res_path,
             raise UserError(f"--resume: --{name} {current.get(name)} differs from {saved_args[name]} in {res_path} "
                             f"(it changes the data order or the learning-rate schedule). Resume with --{name} "
                             f"{saved_args[name]}, {fresh}")
-    quiet = {"resume", "debug", "no_progress", "num_workers", "_argv", "batch_size", "accumulation_steps", "fsdp"}
+    quiet = {"resume", "debug", "no_progress", "num_workers", "_argv", "batch_size", "accumulation_steps", "fsdp",
+             "grad_checkpointing"}
     for name in sorted(set(saved_args) - quiet - set(RESUME_FIXED)):
         if name in current and saved_args[name] != current[name]:
             dist.print(f"warning: --resume with --{name} {current[name]} (the run was started with {saved_args[name]})")
