@@ -107,10 +107,29 @@ def test_precision_defaults_and_checks_on_cuda(monkeypatch):
         setup_precision("float16", torch.device("cpu"))
 
 
-def test_fused_adamw_only_on_cuda():
+def test_fused_adamw_on_cuda_and_cpu():
     model = torch.nn.Linear(4, 4)
     assert loop.make_optimizer(model, 1e-3, 0.1, torch.device("cuda", 0)).defaults["fused"] is True
-    assert not loop.make_optimizer(model, 1e-3, 0.1, torch.device("cpu")).defaults["fused"]
+    assert loop.make_optimizer(model, 1e-3, 0.1, torch.device("cpu")).defaults["fused"] is True
+    assert not loop.make_optimizer(model, 1e-3, 0.1, torch.device("mps")).defaults["fused"]
+
+
+def test_fused_adamw_on_cpu_takes_the_steps_of_the_plain_one():
+    """The fused CPU kernel is a faster way to the same update (to float32 rounding)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 8), torch.randn(8)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(5)]
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused, foreach=False)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_pin_memory_only_on_cuda():
