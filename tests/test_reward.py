@@ -119,6 +119,17 @@ def test_reward_model_learns_and_ranks_held_out_pairs(tmp_path, tiny_sft):
         chosen, rejected = rewards_at(model.eval()(batch["input_ids"]), batch["last_index"]).chunk(2)
     assert abs((chosen > rejected).float().mean().item() - after["eval_accuracy"]) < 1e-6
 
+    # bench/score_reward.py scores conversations the same way: the chosen answers as conversations.
+    write_jsonl(tmp_path / "answers.jsonl", [{"conversations": json.loads(line)["chosen"]} for line in lines[56:]])
+    run_script("bench/score_reward.py", "--model", out / "reward_64.pth", "--data_path", tmp_path / "answers.jsonl",
+               "--out", tmp_path / "scored.jsonl", "--device", "cpu", "--batch_size", "5")
+    scored = read_log(tmp_path / "scored.jsonl")
+    np.testing.assert_allclose([r["reward"] for r in scored], chosen.tolist(), rtol=0, atol=1e-5)
+    write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [U, A]}, {"conversations": [U]}])
+    proc = run_script("bench/score_reward.py", "--model", out / "reward_64.pth", "--data_path",
+                      tmp_path / "bad.jsonl", check=False)
+    assert proc.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:2: " in proc.stderr and "Traceback" not in proc.stderr
+
 
 def test_two_process_reward_model_matches_one_process(tmp_path, tiny_sft):
     for name, nproc, bs in (("one", 0, "8"), ("two", 2, "4")):
