@@ -18,7 +18,7 @@ from model.heads import RewardModel, rewards_at
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
 from trainer.checkpoint import find_stage_checkpoint, load_model
-from trainer.cli import UserError, non_negative_float, run_main
+from trainer.cli import non_negative_float, run_main
 from trainer.losses import reward_pair_loss
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
@@ -63,8 +63,6 @@ def main():
                         help="system prompt for conversations that have none ('' for none)")
     args = parser.parse_args()
     dist, precision = start(args)
-    if args.fsdp:
-        raise UserError("--fsdp is not supported by train_reward.py yet: drop it (DDP keeps a full copy per process)")
     tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
     init_from = args.init_from or find_stage_checkpoint(args.out_dir, "full_sft", args.dim)
     flags = {**model_flags(args), "dropout": 0.0}   # dropout off, as TRL does: scores must be deterministic
@@ -87,7 +85,7 @@ def main():
                               "system_prompt": system_prompt}}
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_reward_pairs, loss_fn=make_reward_step(args),
                   terms_per_step=args.batch_size * args.accumulation_steps, eval_dataset=eval_data,
-                  init_from=init_from, extra_state=extra_state)
+                  init_from=init_from, extra_state=extra_state, shown_metrics=("accuracy", "margin"))
     run_training(model, stage, args, dist, precision)
     finish()
 

@@ -36,6 +36,11 @@ class RewardModel(nn.Module):
         reward_model.body.load_state_dict(body, strict=True)
         return reward_model
 
+    @property
+    def layers(self):
+        """The body's transformer blocks (FSDP shards the model block by block: trainer/fsdp.py)."""
+        return self.body.layers
+
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
 

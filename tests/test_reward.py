@@ -131,19 +131,25 @@ def test_reward_model_learns_and_ranks_held_out_pairs(tmp_path, tiny_sft):
     assert proc.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:2: " in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_two_process_reward_model_matches_one_process(tmp_path, tiny_sft):
-    for name, nproc, bs in (("one", 0, "8"), ("two", 2, "4")):
+def test_two_processes_ddp_and_fsdp_match_one_process(tmp_path, tiny_sft):
+    runs = (("one", 0, "8", []), ("two", 2, "4", []), ("fsdp", 2, "4", ["--fsdp"]))
+    for name, nproc, bs, extra in runs:
         shutil.copytree(tiny_sft, tmp_path / name)
         run_script("train_reward.py", *rm_args(str(tmp_path / name), "--max_steps", "4", "--learning_rate", "1e-3",
-                                               "--data_path", IDENTITY, "--eval_path", IDENTITY,
-                                               "--batch_size", bs, "--center_rewards_coefficient", "0.01"),
-                   nproc=nproc)
-    one, two = (read_log(tmp_path / n / "reward_64_log.jsonl") for n in ("one", "two"))
-    assert len(one) == len(two) == 6                               # before, 4 steps, after
+                                               "--data_path", IDENTITY, "--eval_path", IDENTITY, "--batch_size", bs,
+                                               "--center_rewards_coefficient", "0.01", *extra), nproc=nproc)
+    one, two, fsdp = (read_log(tmp_path / name / "reward_64_log.jsonl") for name, *_ in runs)
+    assert len(one) == len(two) == len(fsdp) == 6                 # before, 4 steps, after
     for key in ("loss", "accuracy", "margin", "mean_reward", "eval_loss", "eval_accuracy", "eval_margin"):
         ours = [r[key] for r in one if key in r]
         assert ours, key
-        np.testing.assert_allclose([r[key] for r in two if key in r], ours, rtol=1e-5, atol=1e-6, err_msg=key)
+        for other in (two, fsdp):
+            np.testing.assert_allclose([r[key] for r in other if key in r], ours, rtol=1e-5, atol=1e-6, err_msg=key)
+    # FSDP gathers the shards: the same checkpoint file as DDP writes.
+    a, b = (torch.load(tmp_path / name / "reward_64.pth", weights_only=False)["model"] for name in ("two", "fsdp"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
 
 
 def test_bad_data_is_one_line_and_exit_2(tmp_path, tiny_sft):
