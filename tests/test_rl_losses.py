@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trainer.losses import (completion_length_metrics, grpo_aggregate, grpo_clip_metrics,  # noqa: E402
                             grpo_reward_metrics, grpo_token_losses, group_advantages, kl_estimate,
                             last_non_pad_index, masked_mean, ppo_advantages, ppo_policy_loss, ppo_rollout_metrics,
-                            ppo_value_loss, process_responses, reward_metrics, reward_pair_loss)
+                            ppo_value_loss, process_responses, reward_metrics, reward_pair_loss, sequence_logps,
+                            token_logps_and_entropy)
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 RTOL, ATOL = 1e-5, 1e-5   # the fixtures were computed in float32; 1e-5 is the brief's tolerance
@@ -247,6 +248,17 @@ def test_ppo_matches_trl(case, config):
                                          if not n.startswith(GRPO_NOT_IMPLEMENTED)])
 def test_grpo_matches_trl(case, config):
     assert_matches(grpo_outputs(load("grpo_trl.json")["cases"][case], config))
+
+
+def test_token_logps_and_entropy():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    logps, entropy = token_logps_and_entropy(logits, tokens)
+    torch.testing.assert_close((logps * mask).sum(-1), sequence_logps(logits, tokens, mask))
+    torch.testing.assert_close(entropy, torch.distributions.Categorical(logits=logits).entropy())
+    hot, _ = token_logps_and_entropy(logits, tokens, temperature=0.7)
+    torch.testing.assert_close(hot, torch.distributions.Categorical(logits=logits / 0.7).log_prob(tokens))
 
 
 def test_kl_estimators():

@@ -5,7 +5,8 @@ log p(x_{t+1} | x_<=t) = log_softmax(z_t)[x_{t+1}]. The training loop takes SUMS
 number of terms, so it can average over the whole global batch (all micro-batches, all ranks) exactly.
 
 Contents: next_token_loss (pretraining, SFT), sequence_logps and dpo_loss (DPO, https://arxiv.org/abs/2305.18290);
-the reward model's pairwise loss; the KL estimators k1/k2/k3; PPO's rollout processing, GAE, whitening and
+token_logps_and_entropy (the per-token inputs of PPO and GRPO); the reward model's pairwise loss; the KL
+estimators k1/k2/k3; PPO's rollout processing, GAE, whitening and
 clipped policy/value losses; GRPO's group advantages, per-token losses and their aggregations. The RL parts
 follow Hugging Face TRL (reward model and GRPO: 1.16; PPO: 1.12, its last release with PPO) number for number:
 tests/test_rl_losses.py checks them against TRL's own outputs (tests/data/*_trl.json).
@@ -103,6 +104,19 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen_rewards = beta * chosen_logratio.detach()
     rejected_rewards = beta * rejected_logratio.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def token_logps_and_entropy(logits, tokens, temperature=1.0):
+    """Per-token log pi(token) and the entropy of each position's next-token distribution, the inputs of PPO
+    and GRPO. logits (N, T, V) aligned with tokens (N, T) (position t predicts tokens[:, t]).
+
+    The policy is the SAMPLING distribution softmax(z / temperature): the ratio pi_new / pi_old must compare
+    the distributions the tokens were drawn from (TRL: GRPO divides by temperature, PPO by temperature + 1e-7).
+    Entropy H_t = -sum_v p_v log p_v (nats). Float32 throughout. Returns (logps, entropy), (N, T) each."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logps = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, entropy
 
 
 # ---------------------------------------------------------------------------------------------------------
