@@ -46,7 +46,8 @@ def test_formats_render_the_same_and_end_at_the_answers_eos(tmp_path):
     data = RewardDataset(str(path), tok, 64, None)
     assert [data[i]["chosen"] for i in range(3)] == [data[0]["chosen"]] * 3
     assert data[2]["margin"] == 1.5 and data[0]["margin"] == 0.0
-    assert tok.decode(data[3]["chosen"]).endswith("Hello!</s>\n<s>user\nWho are you?</s>\n<s>assistant\nI am Deep TinyMind.</s>")
+    assert tok.decode(data[3]["chosen"]).endswith(
+        "Hello!</s>\n<s>user\nWho are you?</s>\n<s>assistant\nI am Deep TinyMind.</s>")
     batch = collate_reward_pairs([data[i] for i in range(5)])
     assert batch["n_pairs"] == 4 and batch["n_dropped"] == 1          # the pair longer than max_seq_len
     ids, last = batch["input_ids"], batch["last_index"]

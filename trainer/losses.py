@@ -6,8 +6,8 @@ number of terms, so it can average over the whole global batch (all micro-batche
 
 Contents: next_token_loss (pretraining, SFT), sequence_logps and dpo_loss (DPO, https://arxiv.org/abs/2305.18290);
 token_logps_and_entropy (the per-token inputs of PPO and GRPO); the reward model's pairwise loss; the KL
-estimators k1/k2/k3; PPO's rollout processing, GAE, whitening and
-clipped policy/value losses; GRPO's group advantages, per-token losses and their aggregations. The RL parts
+estimators k1/k2/k3; PPO's rollout processing, GAE, whitening and clipped policy/value losses; GRPO's group
+advantages, per-token losses and their aggregations. The RL parts
 follow Hugging Face TRL (reward model and GRPO: 1.16; PPO: 1.12, its last release with PPO) number for number:
 tests/test_rl_losses.py checks them against TRL's own outputs (tests/data/*_trl.json).
 """
