@@ -196,8 +196,10 @@ class Transformer(nn.Module):
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
 
-    def forward(self, input_ids, cache=None):
-        """input_ids (B, T) -> logits (B, T, vocab). With a KVCache, positions continue after the cache."""
+    def forward(self, input_ids, cache=None, return_hidden=False):
+        """input_ids (B, T) -> logits (B, T, vocab). With a KVCache, positions continue after the cache.
+        return_hidden: the final normed hidden states (B, T, dim) instead, for a head other than the LM head
+        (the reward model's and the critic's scalar head, model/heads.py)."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.rope_cos.shape[0]:  # longer than any context seen so far: extend the tables
@@ -209,4 +211,5 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
-        return self.output(self.norm(x))
+        hidden = self.norm(x)
+        return hidden if return_hidden else self.output(hidden)

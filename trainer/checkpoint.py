@@ -17,7 +17,7 @@ from trainer.cli import UserError
 
 # What writes each stage's checkpoint, for "not found" messages.
 STAGE_COMMANDS = {"pretrain": "python train_pretrain.py", "full_sft": "python train_full_sft.py",
-                  "rlhf": "python train_dpo.py"}
+                  "rlhf": "python train_dpo.py", "reward": "python train_reward.py"}
 
 
 def stage_path(out_dir, stage, dim):
@@ -135,6 +135,20 @@ def load_model(path, flags=None, stage_hint=None):
     ckpt = read_checkpoint(path, stage_hint)
     cfg = config_from_checkpoint(ckpt, path, flags)
     model = Transformer(cfg)
+    model.load_state_dict(clean_state_dict(ckpt["model"]), strict=True)
+    return model, cfg, ckpt
+
+
+def load_reward_model(path, flags=None):
+    """Build a RewardModel (model/heads.py) from a checkpoint written by train_reward.py, loaded strictly.
+    Returns (model, cfg, checkpoint dict)."""
+    from model.heads import RewardModel
+    ckpt = read_checkpoint(path, f"It is written by `{STAGE_COMMANDS['reward']}`")
+    if "score.weight" not in ckpt.get("model", {}):
+        raise UserError(f"{path} is not a reward model (a {ckpt.get('stage')} checkpoint, no score head): "
+                        f"train one with `{STAGE_COMMANDS['reward']}`")
+    cfg = config_from_checkpoint(ckpt, path, flags)
+    model = RewardModel(cfg)
     model.load_state_dict(clean_state_dict(ckpt["model"]), strict=True)
     return model, cfg, ckpt
 

@@ -50,6 +50,7 @@ class Stage:
     terms_per_step: float
     eval_dataset: object = None  # optional held-out data: its mean loss is measured before and after training
     log_decimals: int = 4
+    shown_metrics: tuple = ()    # the stage's metrics the progress bar shows after the loss (all go to the log)
     extra_state: dict = field(default_factory=dict)   # saved into every checkpoint (e.g. the stage's flags)
     init_from: str = None        # the checkpoint the model was loaded from: never overwritten by this run
     # What "model" holds in the checkpoints, and how a resume loads it back. Default: every weight. LoRA saves
@@ -332,7 +333,7 @@ def run_training(model, stage: Stage, args, dist, precision):
         dist.print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     stop = StopRequest()
     progress = TrainingProgress(stage.name, total_steps, start_step, dist.is_main, args.no_progress,
-                                stage.log_decimals)
+                                stage.log_decimals, stage.shown_metrics)
     last_step = start_step
     model.train()
     t_log, tokens_since_log = time.time(), 0

@@ -70,10 +70,11 @@ class TrainingProgress:
 
         pretrain  step 120/700 (17%)  loss 4.1234  lr 1.98e-03  12,480 tok/s  0:41 elapsed, ETA 3:17
 
-    The ETA is measured from the steps of THIS process (a resumed run does not count the earlier ones)."""
+    The ETA is measured from the steps of THIS process (a resumed run does not count the earlier ones).
+    `shown`: the stage's own metrics to show after the loss (e.g. a reward model's accuracy)."""
 
-    def __init__(self, name, total_steps, start_step, is_main, no_bar, decimals=4):
-        self.name, self.total, self.start, self.decimals = name, total_steps, start_step, decimals
+    def __init__(self, name, total_steps, start_step, is_main, no_bar, decimals=4, shown=()):
+        self.name, self.total, self.start, self.decimals, self.shown = name, total_steps, start_step, decimals, shown
         self.is_main, self.bar = is_main, None
         self.t0 = time.time()
         if is_main and not no_bar:
@@ -86,14 +87,16 @@ class TrainingProgress:
             return
         if self.bar is not None:
             if record is not None:
-                self.bar.set_postfix(loss=f"{record['loss']:.{self.decimals}f}", lr=f"{record['lr']:.2e}",
+                extra = {k: f"{record[k]:.{self.decimals}f}" for k in self.shown if k in record}
+                self.bar.set_postfix(loss=f"{record['loss']:.{self.decimals}f}", **extra, lr=f"{record['lr']:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")
             self.bar.update(done - self.bar.n)
         elif record is not None:
             elapsed = time.time() - self.t0
             eta = elapsed / max(done - self.start, 1) * (self.total - done)
+            extra = "".join(f"{k} {record[k]:.{self.decimals}f}  " for k in self.shown if k in record)
             print(f"{self.name}  step {done}/{self.total} ({100 * done / self.total:.0f}%)  "
-                  f"loss {record['loss']:.{self.decimals}f}  lr {record['lr']:.2e}  "
+                  f"loss {record['loss']:.{self.decimals}f}  {extra}lr {record['lr']:.2e}  "
                   f"{record['tokens_per_s']:,.0f} tok/s  {clock(elapsed)} elapsed, ETA {clock(eta)}", flush=True)
 
     def close(self):
