@@ -13,7 +13,6 @@ the conversation) and clears the line at the prompt. Status lines (the model, to
 The model config is read from the checkpoint (--dim/--n_layers are only checked against it). Sampling is
 random; the seed of each run is printed, and --seed N repeats a run exactly.
 """
-import argparse
 import sys
 import time
 
@@ -23,7 +22,8 @@ from dataset.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from model.engine import Engine, Request
 from model.tokenizer import EOS_ID
 from trainer.chat_model import add_model_args, load_chat_model, text_prompt
-from trainer.cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_main
+from trainer.cli import (ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int,
+                         probability_mass, run_main)
 
 AUTO_PROMPTS = {
     "text": ["「学习」读作", "《静夜思》 唐·李白\n", "water (noun):", "person (noun): a human being."],
@@ -41,14 +41,6 @@ HELP = "\n".join([f"  {name:<7} {what}" for name, what in COMMANDS.items()] +
 def note(text):
     """A status line. It goes to stderr, so that stdout holds only the answers (`... > answers.txt`)."""
     print(text, file=sys.stderr, flush=True)
-
-
-def probability_mass(text):
-    """argparse type for --top_p: a number in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def parse_args():
