@@ -154,7 +154,12 @@ class BatchLoop(threading.Thread):
             self.step()
 
     def admit(self, job):
-        self.engine.add(job.request)  # the handler checked the prompt's length: this does not raise
+        try:
+            self.engine.add(job.request)  # the handler checked the prompt's length: this should not raise
+        except ValueError as e:
+            job.publish(("error", str(e)))
+            self.finish(job)
+            return
         self.jobs[job.request] = job
 
     def step(self):
@@ -317,8 +322,9 @@ def create_app(served, batch_loop, args):
         try:
             batch_loop.submit(job)
         except queue.Full:
-            raise APIError(503, f"the server is busy ({args.max_queue} requests already wait); retry later",
-                           error_type="server_error", code="overloaded") from None
+            error = APIError(503, f"the server is busy ({args.max_queue} requests already wait); retry later",
+                             error_type="server_error", code="overloaded")
+            return error.response(headers={"Retry-After": "1"})
         if stream:
             return CancelOnExit(sse_chunks(job, served, include_usage), job, media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -20,6 +20,7 @@ from model.generate import generate
 from model.tokenizer import DEFAULT_TOKENIZER, EOS_ID, Tokenizer
 from tests.conftest import ROOT
 from model import ModelConfig, Transformer
+from scripts.chat_screenshot import CHROMEDRIVER, CHROMIUM, ask, open_browser, set_field
 from trainer.checkpoint import atomic_save, load_model, model_payload
 
 CONTEXT = 4096       # --max_seq_len: room for long answers (greedy from the tiny model runs to max_tokens)
@@ -258,7 +259,7 @@ def test_full_queue_answers_503_and_the_server_recovers(server):
         health = server.health()
         assert (health["running"], health["queued"]) == (MAX_BATCH, MAX_QUEUE), health
         busy = httpx.post(server.url + "/v1/chat/completions", json=long_body, timeout=10)
-        assert busy.status_code == 503
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["type"] == "server_error" and busy.json()["error"]["code"] == "overloaded"
     # Leaving the `with` hung up on all eight: their rows and queue places are dropped.
     deadline = time.monotonic() + 30
@@ -338,56 +339,30 @@ def test_port_in_use_is_one_line(out_dir, server):
     assert f"could not serve on 127.0.0.1:{server.port}" in proc.stderr.strip().splitlines()[-1]
 
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                     reason="no Debian chromium + chromium-driver (apt-get install chromium chromium-driver)")
 def test_chat_page_in_a_real_browser(server, reference, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,760"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = open_browser()
     wait = WebDriverWait(driver, 60)
     script = driver.execute_script
     try:
         driver.get(server.url + "/")
         wait.until(lambda d: script("return [...document.querySelectorAll('#model option')].map(o => o.value)")
                    == ["full_sft_64"])
-        for name, value in (("temperature", "0"), ("max_tokens", "300")):
-            box = driver.find_element("id", name)
-            box.clear()
-            box.send_keys(value)
-        # Record every text the answer bubble shows while it streams (a MutationObserver sees each update).
-        script("""window.shown = [];
-                  new MutationObserver(() => { const b = document.querySelector('.assistant:last-of-type');
-                                               if (b) window.shown.push(b.textContent); })
-                      .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});""")
-
-        def ask(text):
-            script("window.shown = []")
-            driver.find_element("id", "prompt").send_keys(text + Keys.ENTER)
-            wait.until(lambda d: script("return document.querySelectorAll('.streaming').length === 0 && "
-                                        "!document.getElementById('send').disabled && window.shown.length > 0"))
-            return script("const b = [...document.querySelectorAll('.assistant')].pop(); return b.textContent"), \
-                script("return window.shown")
-
+        set_field(driver, "temperature", 0)
+        set_field(driver, "max_tokens", 300)
         first_question = "<b>bold?</b> " + PROMPTS[3]
-        first, shown = ask(first_question)
+        first, shown = ask(driver, first_question)
         assert first == reference(first_question, 300, temperature=0)[0] and len(first) > 50
         assert len({len(t) for t in shown if 0 < len(t) < len(first)}) >= 3, "the answer did not stream"
-        second, _ = ask(PROMPTS[5])  # the second turn is sent with the first exchange as history
+        second, _ = ask(driver, PROMPTS[5])  # the second turn is sent with the first exchange as history
         history = [{"role": "user", "content": first_question}, {"role": "assistant", "content": first},
                    {"role": "user", "content": PROMPTS[5]}]
         assert second == reference(history, 300, temperature=0)[0]
         # HTML in the conversation is shown as text: no element inside any message bubble.
-        bubbles = script("return [...document.querySelectorAll('#messages .msg')].map(m => [m.className, m.children.length, m.textContent])")
+        bubbles = script("return [...document.querySelectorAll('#messages .msg')]"
+                         ".map(m => [m.className, m.children.length, m.textContent])")
         assert [(c.split()[1], n) for c, n, _ in bubbles] == [("user", 0), ("assistant", 0)] * 2
         assert bubbles[0][2] == first_question
         driver.save_screenshot(str(tmp_path / "chat.png"))
@@ -395,11 +370,9 @@ def test_chat_page_in_a_real_browser(server, reference, tmp_path):
 
         # Stop: a long answer stopped mid-stream; its row leaves the server's batch; New chat empties the page.
         cancelled = server.health()["cancelled"]
-        box = driver.find_element("id", "max_tokens")
-        box.clear()
-        box.send_keys("3000")
-        driver.find_element("id", "prompt").send_keys(PROMPTS[0] + Keys.ENTER)
-        wait.until(lambda d: len(script("return document.querySelector('.assistant:last-of-type').textContent")) > 20)
+        set_field(driver, "max_tokens", 3000)
+        driver.find_element("id", "prompt").send_keys(PROMPTS[0] + "\n")
+        wait.until(lambda d: len(script("return [...document.querySelectorAll('.assistant')].pop().textContent")) > 20)
         driver.find_element("id", "stop").click()
         wait.until(lambda d: "stopped" in d.find_element("id", "status").text)
         deadline = time.monotonic() + 20
@@ -408,9 +381,8 @@ def test_chat_page_in_a_real_browser(server, reference, tmp_path):
         assert server.health()["cancelled"] == cancelled + 1
         driver.find_element("id", "new_chat").click()
         assert script("return document.querySelectorAll('#messages .msg').length") == 0
-        box.clear()
-        box.send_keys("100")
-        third, _ = ask(PROMPTS[2])  # a new conversation: no history sent
+        set_field(driver, "max_tokens", 100)
+        third, _ = ask(driver, PROMPTS[2])  # a new conversation: no history sent
         assert third == reference(PROMPTS[2], 100, temperature=0)[0]
     finally:
         driver.quit()
