@@ -342,21 +342,25 @@ def finish_reason(reason):
     return "length" if reason == "length" else "stop"
 
 
-async def whole_answer(job, http, served):
-    """Wait for the answer; check now and then that the client is still there (else drop the row)."""
+async def whole_answer(job, http, served, check_every=0.5):
+    """Wait for the answer; every `check_every` seconds look whether the client is still there (else drop
+    the row). Updates come at every step, so the check goes by the clock, not by a quiet queue."""
+    last_check = time.monotonic()
     while True:
         try:
-            update = await asyncio.wait_for(job.updates.get(), timeout=1.0)
+            update = await asyncio.wait_for(job.updates.get(), timeout=check_every)
         except asyncio.TimeoutError:
+            update = None
+        if update and update[0] == "error":
+            return error_response(500, update[1], error_type="server_error")
+        if update and update[2] is not None:
+            text, _, reason = update
+            break
+        if time.monotonic() - last_check >= check_every:
+            last_check = time.monotonic()
             if await http.is_disconnected():
                 job.cancel()
-                return error_response(499, "client closed the request")
-            continue
-        if update[0] == "error":
-            return error_response(500, update[1], error_type="server_error")
-        text, _, reason = update
-        if reason is not None:
-            break
+                return error_response(499, "client closed the request")  # nobody reads it
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": served.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": finish_reason(reason), "logprobs": None}],

@@ -241,6 +241,25 @@ def test_client_leaving_mid_stream_does_not_disturb_the_others(server, reference
     assert health["cancelled"] == before + 1 and health["running"] == 0, health
 
 
+def test_client_leaving_before_a_whole_answer_has_its_row_dropped(server):
+    """Not streaming: the server notices the closed connection while it waits for the answer."""
+    before = server.health()["cancelled"]
+    body = json.dumps({"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 3500,
+                       "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 20
+        while server.health()["running"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.health()["running"] == 1
+    deadline = time.monotonic() + 20  # the handler looks at the connection every 0.5 s
+    while server.health()["cancelled"] != before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    health = server.health()
+    assert (health["cancelled"], health["running"]) == (before + 1, 0), health
+
+
 def test_full_queue_answers_503_and_the_server_recovers(server):
     long_body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 3500, "temperature": 0,
                  "stream": True}
