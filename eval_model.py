@@ -13,21 +13,17 @@ the conversation) and clears the line at the prompt. Status lines (the model, to
 The model config is read from the checkpoint (--dim/--n_layers are only checked against it). Sampling is
 random; the seed of each run is printed, and --seed N repeats a run exactly.
 """
-import argparse
-import os
 import sys
 import time
 
 import torch
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT, render_chat
-from model.generate import generate
-from model.tokenizer import BOS_ID, DEFAULT_TOKENIZER, EOS_ID, Tokenizer
-from trainer.checkpoint import attach_lora, find_stage_checkpoint, load_model
-from trainer.cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_main
-from trainer.distributed import pick_device
-
-MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf"}
+from model.engine import Engine, Request
+from model.tokenizer import EOS_ID
+from trainer.chat_model import add_model_args, load_chat_model, text_prompt
+from trainer.cli import (ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int,
+                         probability_mass, run_main)
 
 AUTO_PROMPTS = {
     "text": ["「学习」读作", "《静夜思》 唐·李白\n", "water (noun):", "person (noun): a human being."],
@@ -47,24 +43,9 @@ def note(text):
     print(text, file=sys.stderr, flush=True)
 
 
-def probability_mass(text):
-    """argparse type for --top_p: a number in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def parse_args():
     ap = ArgumentParser(description=__doc__)
-    ap.add_argument("--model_mode", type=int, default=1, choices=sorted(MODES),
-                    help="0: pretrain (continues text), 1: full_sft, 2: rlhf (DPO)")
-    ap.add_argument("--checkpoint", default=None, help="a checkpoint path (overrides --model_mode)")
-    ap.add_argument("--out_dir", default="out", help="where --model_mode finds {stage}_{dim}.pth")
-    ap.add_argument("--dim", type=int, default=None, help="picks {stage}_{dim}.pth; checked against the checkpoint")
-    ap.add_argument("--n_layers", type=int, default=None, help="checked against the checkpoint")
-    ap.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: the bundled model/tokenizer/tokenizer.json)")
-    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    add_model_args(ap)  # --model_mode, --checkpoint, --out_dir, --dim, --n_layers, --tokenizer_path, --device, --lora_name
     ap.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for no system message")
     ap.add_argument("--history_cnt", type=non_negative_int, default=0,
                     help="earlier MESSAGES kept as context, counted as in MiniMind2: 2 = the last question and "
@@ -85,8 +66,6 @@ def parse_args():
                     help="> 1 makes tokens already in the text less likely; 1: off")
     ap.add_argument("--seed", type=int, default=None,
                     help="repeat a run's sampling exactly (default: a new seed every run, printed at the start)")
-    ap.add_argument("--lora_name", default=None,
-                    help="add the LoRA adapters {out_dir}/lora/{lora_name}_{dim}.pth (train_lora.py) to the model")
     ap.add_argument("--auto", action="store_true", help="answer a built-in list of prompts and exit")
     return ap.parse_args()
 
@@ -141,7 +120,7 @@ def build_prompt(tokenizer, history, prompt, chat, system_prompt, limit):
     until the ids fit in `limit` tokens. The ids are longer than `limit` only when the new prompt alone is (the
     caller refuses it). Text continuation (a pretrained model) has no history and no chat template."""
     if not chat:
-        return [BOS_ID] + tokenizer.encode(prompt), history
+        return text_prompt(tokenizer, prompt), history
     while True:
         messages = history + [{"role": "user", "content": prompt}]
         ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True, system_prompt=system_prompt or None)
@@ -152,20 +131,15 @@ def build_prompt(tokenizer, history, prompt, chat, system_prompt, limit):
 
 def main():
     args = parse_args()
-    device = pick_device(args.device, 0, 1)
-    path = args.checkpoint or find_stage_checkpoint(args.out_dir, MODES[args.model_mode], args.dim,
-                                                    flag="--checkpoint")
-    model, cfg, ckpt = load_model(path, {"dim": args.dim, "n_layers": args.n_layers})
-    if args.lora_name:
-        lora_path = os.path.join(args.out_dir, "lora", f"{args.lora_name}_{cfg.dim}.pth")
-        lora = attach_lora(model, lora_path)
-        note(f"+ LoRA adapters {lora_path} (rank {lora['rank']}, trained on {lora['base']})")
-    model.to(device).eval()
-    # None means the bundled tokenizer (a later change may take it from the checkpoint instead).
-    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
-    # Mode 0 (or a pretraining checkpoint) continues raw text: a pretrained model has never seen the template.
-    chat = ckpt.get("stage") != "pretrain" if args.checkpoint else args.model_mode != 0
+    loaded = load_chat_model(args)
+    model, path, ckpt, tokenizer, chat, device = (loaded.model, loaded.path, loaded.ckpt, loaded.tokenizer,
+                                                  loaded.chat, loaded.device)
+    cfg = model.cfg
+    if loaded.lora:
+        note(f"+ LoRA adapters {loaded.lora_path} (rank {loaded.lora['rank']}, trained on {loaded.lora['base']})")
     context = args.max_seq_len or cfg.max_seq_len
+    # The batched engine (model/engine.py) with one row: the terminal has one conversation at a time.
+    engine = Engine(model, tokenizer, max_batch_size=1, max_len=context)
     # Without --seed, a fresh seed from the OS every run (torch's default seed would give the same "random"
     # answers each time); it is printed, so a run worth keeping can be repeated with --seed.
     generator = torch.Generator(device=device)
@@ -216,8 +190,10 @@ def main():
         printer = StreamPrinter(tokenizer, sys.stdout)
         t0, n = time.perf_counter(), 0
         try:
-            for tok in generate(model, ids, min(args.max_new_tokens, context - len(ids)), args.temperature,
-                                args.top_k, args.top_p, args.repetition_penalty, generator=generator):
+            # The engine ends the answer where the context does (at most context - len(ids) tokens).
+            request = Request(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              args.repetition_penalty, generator=generator)
+            for tok in engine.stream(request):
                 printer.add(tok)
                 n += 1
         except KeyboardInterrupt:

@@ -82,7 +82,10 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        """attn_mask: None (causal, positions continue after the cache), or a bool (B, T, S) tensor, True where
+        query t of row b may read key slot s: the batched engine (model/engine.py) gives each row its own
+        positions and keeps rows from reading each other's padding with it."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
@@ -91,7 +94,8 @@ class Attention(nn.Module):
 
         past = 0
         if cache is not None:
-            past = cache.pos
+            if attn_mask is None:
+                past = cache.pos
             k, v = cache.update(self.layer_id, k, v)
 
         # GQA: each group of n_heads / n_kv_heads query heads reads the same key/value head. expand() makes
@@ -102,7 +106,10 @@ class Attention(nn.Module):
             v = v[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
 
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if attn_mask is not None:
+            # The caller says which keys each query sees; one mask for all heads of a row.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], dropout_p=dropout_p)
+        elif past == 0:
             # The usual case (training, or the prompt at chat time): causal attention, fused kernel, no mask.
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:
@@ -144,16 +151,16 @@ class TransformerBlock(nn.Module):
         # drops from n_layers blocks' worth to one block's (plus each block's input), for ~1/3 more compute.
         self.grad_checkpointing = False
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
         if self.grad_checkpointing and torch.is_grad_enabled():
             # Non-reentrant: works with FSDP2 and with inputs that need no grad; the RNG state is saved and
             # restored, so dropout masks are the same in the recomputation and the result is bit-identical.
-            return checkpoint(self._forward, x, cos, sin, cache, use_reentrant=False)
-        return self._forward(x, cos, sin, cache)
+            return checkpoint(self._forward, x, cos, sin, cache, attn_mask, use_reentrant=False)
+        return self._forward(x, cos, sin, cache, attn_mask)
 
-    def _forward(self, x, cos, sin, cache=None):
+    def _forward(self, x, cos, sin, cache=None, attn_mask=None):
         # Pre-norm: the residual stream x is never normalised in place, so gradients flow straight through.
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, attn_mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -196,20 +203,34 @@ class Transformer(nn.Module):
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
 
-    def forward(self, input_ids, cache=None, return_hidden=False):
+    def forward(self, input_ids, cache=None, positions=None, attn_mask=None, return_hidden=False):
         """input_ids (B, T) -> logits (B, T, vocab). With a KVCache, positions continue after the cache.
+
+        positions (B, T), with attn_mask (B, T, S) (see Attention.forward): each row's own positions, for a
+        batch whose rows are at different lengths (model/engine.py; its cache writes each row at its
+        positions). The cache's `pos` is then left alone: the caller keeps the per-row lengths.
         return_hidden: the final normed hidden states (B, T, dim) instead, for a head other than the LM head
         (the reward model's and the critic's scalar head, model/heads.py)."""
         B, T = input_ids.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.rope_cos.shape[0]:  # longer than any context seen so far: extend the tables
-            cos, sin = rope_tables(self.cfg.head_dim, 2 * (start + T), self.cfg.rope_theta, input_ids.device)
+        if (positions is None) != (attn_mask is None):
+            raise ValueError("positions and attn_mask go together: per-row positions need a mask saying which keys each row reads")
+        if positions is None:
+            start = cache.pos if cache is not None else 0
+            end = start + T
+        else:
+            end = int(positions.max()) + 1
+        if end > self.rope_cos.shape[0]:  # longer than any context seen so far: extend the tables
+            cos, sin = rope_tables(self.cfg.head_dim, 2 * end, self.cfg.rope_theta, input_ids.device)
             self.rope_cos, self.rope_sin = cos, sin
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # float32 tables
+        if positions is None:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # float32 tables
+        else:
+            # Row b's token t is rotated by the angle of its own position; (B, 1, T, hd) broadcasts over heads.
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         x = self.dropout(self.tok_embeddings(input_ids))
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
-        if cache is not None:
+            x = layer(x, cos, sin, cache, attn_mask)
+        if cache is not None and positions is None:
             cache.pos += T
         hidden = self.norm(x)
         return hidden if return_hidden else self.output(hidden)
