@@ -22,8 +22,8 @@ import torch
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from model.generate import generate
-from model.tokenizer import BOS_ID, DEFAULT_TOKENIZER, EOS_ID, Tokenizer
-from trainer.checkpoint import attach_lora, find_stage_checkpoint, load_model
+from model.tokenizer import BOS_ID, EOS_ID
+from trainer.checkpoint import attach_lora, checkpoint_tokenizer, find_stage_checkpoint, load_model
 from trainer.cli import ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int, run_main
 from trainer.distributed import pick_device
 
@@ -63,7 +63,8 @@ def parse_args():
     ap.add_argument("--out_dir", default="out", help="where --model_mode finds {stage}_{dim}.pth")
     ap.add_argument("--dim", type=int, default=None, help="picks {stage}_{dim}.pth; checked against the checkpoint")
     ap.add_argument("--n_layers", type=int, default=None, help="checked against the checkpoint")
-    ap.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: the bundled model/tokenizer/tokenizer.json)")
+    ap.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: the checkpoint's; checkpoints without one: the "
+                    "bundled model/tokenizer/tokenizer.json)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     ap.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for no system message")
     ap.add_argument("--history_cnt", type=non_negative_int, default=0,
@@ -161,8 +162,8 @@ def main():
         lora = attach_lora(model, lora_path)
         note(f"+ LoRA adapters {lora_path} (rank {lora['rank']}, trained on {lora['base']})")
     model.to(device).eval()
-    # None means the bundled tokenizer (a later change may take it from the checkpoint instead).
-    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
+    # The tokenizer the model was trained with, carried by the checkpoint (older ones: the bundled default).
+    tokenizer = checkpoint_tokenizer(ckpt, path, args.tokenizer_path)
     # Mode 0 (or a pretraining checkpoint) continues raw text: a pretrained model has never seen the template.
     chat = ckpt.get("stage") != "pretrain" if args.checkpoint else args.model_mode != 0
     context = args.max_seq_len or cfg.max_seq_len
