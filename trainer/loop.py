@@ -287,7 +287,7 @@ def run_training(model, stage: Stage, args, dist, precision):
         if dist.is_main:
             # The flags go in too (and the command line), so a checkpoint says how it was made.
             payload = {**model_payload(model, stage.name, step, weights, stage.tokenizer), **stage.extra_state,
-                       "args": {**vars(args), "_argv": sys.argv[1:]}}
+                       "args": {**vars(args), "_argv": sys.argv[1:]}, "tokens_seen": counters["tokens"]}
             if stage.save_weights is not None:
                 payload["model"] = stage.save_weights(payload["model"])
             atomic_save(payload, out_path)
