@@ -72,7 +72,8 @@ def model_card(ckpt, ckpt_path, out_dir, cfg, n_params, dtype_name, lora_path):
               f"{out_dir!r})",
               "ids = tok.apply_chat_template([{'role': 'user', 'content': '你好'}], add_generation_prompt=True, "
               "return_tensors='pt', return_dict=True)",
-              "print(tok.decode(model.generate(**ids, max_new_tokens=64)[0], skip_special_tokens=True))", "```", "",
+              "print(tok.decode(model.generate(**ids, max_new_tokens=64)[0][ids['input_ids'].shape[1]:], "
+              "skip_special_tokens=True))", "```", "",
               "The chat template reproduces TinyMind's `render_chat` token for token (default system prompt "
               "included).", ""]
     return "\n".join(lines)
@@ -84,7 +85,7 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def export(ckpt_path, out_dir, dtype_name, lora_path=None):
+def export(ckpt_path, out_dir, dtype_name, lora_path=None, system_prompt=None):
     from safetensors.torch import save_file
     model, cfg, ckpt = load_model(ckpt_path)
     if "lora" in ckpt:
@@ -102,8 +103,8 @@ def export(ckpt_path, out_dir, dtype_name, lora_path=None):
     weights = {k: v.detach().to(dtype).contiguous() for k, v in to_llama_state_dict(model.state_dict(), cfg).items()}
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
-    # What the checkpoint's stage trained with: its --system_prompt (SFT/DPO record it), else the default.
-    system_prompt = (ckpt.get("args") or {}).get("system_prompt", DEFAULT_SYSTEM_PROMPT)
+    if system_prompt is None:  # what the checkpoint's stage trained with (SFT/DPO record it), else the default
+        system_prompt = (ckpt.get("args") or {}).get("system_prompt", DEFAULT_SYSTEM_PROMPT)
     extra = {"stage": ckpt.get("stage"), "step": ckpt.get("step"), "dropout": cfg.dropout}
     write_json(os.path.join(out_dir, "config.json"), llama_config(cfg, dtype_name, extra))
     write_json(os.path.join(out_dir, "generation_config.json"),
@@ -319,6 +320,10 @@ def main():
     ex.add_argument("out_dir", help="the directory to write (created; files in it are overwritten)")
     ex.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' storage type")
     ex.add_argument("--lora_path", default=None, help="LoRA adapters (train_lora.py) to merge into the export")
+    ex.add_argument("--system_prompt", default=None,
+                    help="the chat template's system prompt for conversations without one ('' for none; default: "
+                         "the --system_prompt the checkpoint was trained with, else TinyMind's; MiniMind2: "
+                         "'你是 MiniMind，是一个有用的人工智能助手。')")
     im = sub.add_parser("import", help="a Llama directory or a MiniMind2 checkpoint -> a TinyMind checkpoint")
     im.add_argument("src", help="a Llama / MiniMind2 transformers directory, or a MiniMind2 .pth state dict")
     im.add_argument("out", help="the TinyMind checkpoint to write (.pth)")
@@ -331,7 +336,7 @@ def main():
                          f"{MINIMIND2_TRAINED_LEN})")
     args = ap.parse_args()
     if args.command == "export":
-        export(args.checkpoint, args.out_dir, args.dtype, args.lora_path)
+        export(args.checkpoint, args.out_dir, args.dtype, args.lora_path, args.system_prompt)
     else:
         import_model(args.src, args.out, args.tokenizer_path, args.n_heads, args.max_seq_len)
 

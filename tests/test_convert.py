@@ -315,6 +315,57 @@ def test_minimind2_transformers_directory_with_its_config(tmp_path):
         assert (model.eval()(ids) - reference).abs().max().item() < 1e-4
 
 
+def test_later_minimind_directory_with_llama_names(exported, tmp_path):
+    """MiniMind's later code (model_minimind.py, 2025-04): Llama's names and rotate-half RoPE, model_type
+    "minimind" and a config without head_dim / intermediate_size: imported without a permutation."""
+    from safetensors.torch import load_file
+    model, _, out = exported
+    src = tmp_path / "MiniMind2"
+    src.mkdir()
+    weights = load_file(str(out / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]    # tied, saved twice as torch.save does
+    torch.save(weights, src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "minimind", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 6400, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+        "intermediate_size": None, "max_position_embeddings": 32768, "use_moe": False}))
+    code, _, err = convert("import", src, tmp_path / "ours.pth", "--tokenizer_path", DEFAULT_TOKENIZER)
+    assert code == 0, err
+    imported = load_model(str(tmp_path / "ours.pth"))[0].eval()
+    ids = torch.randint(0, 6400, (2, 25))
+    with torch.no_grad():
+        assert torch.equal(imported(ids), model(ids))
+
+
+MINIMIND2_SYSTEM_PROMPT = "你是 MiniMind，是一个有用的人工智能助手。"
+
+
+def test_chat_with_an_imported_minimind2_model(tmp_path):
+    """eval_model.py chats with an imported MiniMind2 .pth: its tokenizer travels in the checkpoint, and its
+    system prompt is a flag. The answer is the reference implementation's greedy continuation."""
+    state = minimind2_state_dict(seed=11)
+    torch.save(state, tmp_path / "full_sft_64.pth")
+    assert convert("import", tmp_path / "full_sft_64.pth", tmp_path / "ours.pth",
+                   "--tokenizer_path", DEFAULT_TOKENIZER)[0] == 0
+    proc = subprocess.run([sys.executable, "eval_model.py", "--checkpoint", str(tmp_path / "ours.pth"),
+                           "--system_prompt", MINIMIND2_SYSTEM_PROMPT, "--temperature", "0", "--max_new_tokens", "6",
+                           "--device", "cpu"], input="你好\n", capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tokenizer = Tokenizer()
+    ids, _ = render_chat(tokenizer, [{"role": "user", "content": "你好"}], add_generation_prompt=True,
+                         system_prompt=MINIMIND2_SYSTEM_PROMPT)
+    answer = []
+    with torch.no_grad():
+        for _ in range(6):
+            next_id = int(minimind2_reference_logits(state, torch.tensor([ids + answer]), 8, 2)[0, -1].argmax())
+            answer.append(next_id)
+            if next_id == 2:
+                break
+    expected = tokenizer.decode([t for t in answer if t != 2]).strip()
+    assert expected and proc.stdout.strip() == expected
+
+
 # ---- bad input: one line, exit 2 ------------------------------------------------------------------------------
 
 def llama_dir(exported, tmp_path, edit_config=None, edit_weights=None):
