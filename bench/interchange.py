@@ -60,12 +60,14 @@ def compare_logits(ckpt, export_dir, n_sequences, length, quiet=True):
     ours = load_model(ckpt)[0].eval()
     theirs = AutoModelForCausalLM.from_pretrained(export_dir).eval()
     torch.manual_seed(1)
-    worst = 0.0
+    worst, scale = 0.0, 0.0
     with torch.no_grad():
         for _ in range(n_sequences):
             ids = torch.randint(0, ours.cfg.vocab_size, (1, length))
-            worst = max(worst, (ours(ids) - theirs(ids).logits).abs().max().item())
-    return ours, theirs, worst
+            logits = ours(ids)
+            worst = max(worst, (logits - theirs(ids).logits).abs().max().item())
+            scale = max(scale, logits.abs().max().item())
+    return ours, theirs, f"{worst:.3g} (largest |logit| {scale:.3g})"
 
 
 def demo_conversations(limit):
@@ -80,7 +82,8 @@ def main():
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", default=None, help="a demo-shape checkpoint (default: random weights)")
     ap.add_argument("--big", action="store_true", help="also the 104M shape (about a minute, ~3 GB of memory)")
-    ap.add_argument("--conversations", type=int, default=2000, help="demo SFT conversations for the template")
+    ap.add_argument("--conversations", type=int, default=None,
+                    help="how many demo SFT conversations test the template (default: all)")
     args = ap.parse_args()
     convert = converter()
     from transformers import AutoTokenizer
@@ -89,7 +92,7 @@ def main():
         convert.export(ckpt, os.path.join(tmp, "demo_hf"), "float32")
         ours, theirs, worst = compare_logits(ckpt, os.path.join(tmp, "demo_hf"), 8, 256)
         print(f"demo shape ({'random weights' if not args.checkpoint else ckpt}): max |logit diff| ours vs "
-              f"transformers over 8 x 256 tokens: {worst:.3g}")
+              f"transformers over 8 x 256 tokens: {worst}")
         tokenizer = Tokenizer()
         same_greedy = 0
         prompts = ["water (noun):", "《静夜思》 唐·李白\n", "你好", "person (noun): a human being."]
@@ -140,7 +143,7 @@ def main():
             print(f"104M import float32: {seconds:.2f} s, {os.path.getsize(os.path.join(tmp, 'big_back.pth')) / 1e6:.1f}"
                   f" MB; round trip bit-identical: {identical}")
             _, _, worst = compare_logits(big, os.path.join(tmp, "big_float32"), 2, 256)
-            print(f"104M (random weights): max |logit diff| ours vs transformers over 2 x 256 tokens: {worst:.3g}")
+            print(f"104M (random weights): max |logit diff| ours vs transformers over 2 x 256 tokens: {worst}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def to_llama_state_dict(state_dict, cfg):
 
 
 def from_llama_state_dict(llama_state, n_layers):
-    """Llama names -> ours. Names we have no place for raise UnsupportedModel (biases, extra norms, ...)."""
+    """Llama names -> ours. Names we have no place for raise UnsupportedModel (biases, extra norms, ...).
+    RoPE's inverse frequencies, which older transformers versions saved, are derived from the config: dropped."""
+    llama_state = {k: v for k, v in llama_state.items() if not k.endswith("rotary_emb.inv_freq")}
     ours_by_llama = {llama_name(k): k for k in LLAMA_TOP_NAMES}
     for i in range(n_layers):
         ours_by_llama.update({f"model.layers.{i}.{v}": f"layers.{i}.{k}" for k, v in LLAMA_BLOCK_NAMES.items()})

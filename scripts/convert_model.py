@@ -194,8 +194,9 @@ def minimind2_config(state, config, n_heads, src):
 
 
 def from_minimind2(state, cfg):
-    """MiniMind2 (complex-number RoPE) weights -> ours: wq/wk rows permuted inside each head."""
-    state = dict(state)
+    """MiniMind2 (complex-number RoPE) weights -> ours: wq/wk rows permuted inside each head. Buffers derived
+    from the config (the RoPE table pos_cis, the causal mask), which some versions saved, are dropped."""
+    state = {k: v for k, v in state.items() if k != "pos_cis" and not k.endswith("attention.mask")}
     for key in state:
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):
             state[key] = complex_rope_to_rotate_half(state[key], cfg.head_dim)

@@ -44,6 +44,8 @@ def test_pretrain_checkpoint_holds_its_tokenizer_text(pretrained_with_custom_tok
         saved = torch.load(out / name, weights_only=False)["tokenizer"]
         assert saved["json"] == tokenizer_path.read_text(encoding="utf-8")   # the text itself, not a path
         assert saved["source"] == str(tokenizer_path)
+    # The stage checkpoint also says how many tokens it was trained on (for the export's model card).
+    assert torch.load(out / "pretrain_64.pth", weights_only=False)["tokens_seen"] == 2 * 4 * 32   # steps x batch x len
 
 
 def test_sft_after_pretrain_uses_the_checkpoint_tokenizer(pretrained_with_custom_tokenizer):
@@ -103,3 +105,24 @@ def test_tokenizer_from_checkpoint_text_encodes_like_the_file(tmp_path):
     assert checkpoint_tokenizer(ckpt, "x.pth", str(reformatted)).same_as(file_tokenizer)
     with pytest.raises(UserError, match="differs from the tokenizer the checkpoint x.pth was trained with"):
         checkpoint_tokenizer(ckpt, "x.pth", str(renamed_tokenizer(tmp_path / "renamed.json")))
+
+
+def test_export_uses_the_checkpoint_tokenizer(pretrained_with_custom_tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from tests.test_convert import convert
+    out, tokenizer_path = pretrained_with_custom_tokenizer
+    code, _, err = convert("export", out / "pretrain_64.pth", tmp_path / "hf")
+    assert code == 0, err
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf.bos_token, hf.eos_token, hf.bos_token_id, hf.eos_token_id) == ("<|im_start|>", "<|im_end|>", 1, 2)
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert "tokens seen in this stage: 256" in card and str(tokenizer_path) in card and "text.jsonl" in card
+
+
+def test_old_checkpoint_with_a_smaller_vocabulary_refuses_the_default(tmp_path):
+    """A pre-change checkpoint trained with another (smaller) tokenizer: its ids could not index the default's
+    vocabulary; the error says to pass the tokenizer it was trained with."""
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=512))
+    ckpt = model_payload(model, "pretrain", 0)
+    with pytest.raises(UserError, match=r"has 6400 tokens, the model in old.pth only 512: pass the --tokenizer_path"):
+        checkpoint_tokenizer(ckpt, "old.pth")

@@ -201,6 +201,22 @@ def test_lora_adapters_are_merged_into_the_export(exported, tmp_path):
         assert (merged(torch.arange(20)[None]) - expected).abs().max() < 1e-5
 
 
+def test_untied_head_exports_and_comes_back(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    model = random_model(seed=4, tie_word_embeddings=False)
+    ckpt = save_checkpoint(model, tmp_path / "untied.pth")
+    assert convert("export", ckpt, tmp_path / "hf")[0] == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    ids = torch.randint(0, 6400, (2, 30))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+    assert convert("import", tmp_path / "hf", tmp_path / "back.pth")[0] == 0
+    back = torch.load(tmp_path / "back.pth", weights_only=False)
+    assert back["config"]["tie_word_embeddings"] is False
+    assert all(torch.equal(back["model"][k], v) for k, v in model.state_dict().items())
+
+
 # ---- import ---------------------------------------------------------------------------------------------------
 
 def test_export_import_round_trip_is_bit_identical(exported, tmp_path):
@@ -278,7 +294,9 @@ def minimind2_state_dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, hidden=192
 
 def test_minimind2_pth_gives_the_logits_of_minimind2(tmp_path):
     state = minimind2_state_dict()
-    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "full_sft_64.pth")   # a DDP save
+    saved = {f"module.{k}": v for k, v in state.items()}                 # a DDP save ...
+    saved["module.pos_cis"] = torch.polar(torch.ones(8, 4), torch.zeros(8, 4))   # ... with its RoPE table buffer
+    torch.save(saved, tmp_path / "full_sft_64.pth")
     code, _, err = convert("import", tmp_path / "full_sft_64.pth", tmp_path / "ours.pth",
                            "--tokenizer_path", DEFAULT_TOKENIZER)
     assert code == 0, err

@@ -114,7 +114,12 @@ def checkpoint_tokenizer(ckpt, path, tokenizer_path=None):
     none: they were trained with the default tokenizer, or with the one --tokenizer_path names."""
     given = Tokenizer(tokenizer_path) if tokenizer_path else None
     if "tokenizer" not in ckpt:
-        return given or Tokenizer(DEFAULT_TOKENIZER)
+        tokenizer = given or Tokenizer(DEFAULT_TOKENIZER)
+        vocab_size = (ckpt.get("config") or {}).get("vocab_size", tokenizer.vocab_size)
+        if tokenizer.vocab_size > vocab_size:  # ids past the embedding table: not the model's tokenizer
+            raise UserError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens, the model in {path} only "
+                            f"{vocab_size}: pass the --tokenizer_path it was trained with")
+        return tokenizer
     saved = ckpt["tokenizer"]
     tokenizer = Tokenizer.from_json(saved["json"], saved["source"])
     if given is not None and not given.same_as(tokenizer):
