@@ -63,8 +63,9 @@ def parse_args():
     ap.add_argument("--out_dir", default="out", help="where --model_mode finds {stage}_{dim}.pth")
     ap.add_argument("--dim", type=int, default=None, help="picks {stage}_{dim}.pth; checked against the checkpoint")
     ap.add_argument("--n_layers", type=int, default=None, help="checked against the checkpoint")
-    ap.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: the checkpoint's; checkpoints without one: the "
-                    "bundled model/tokenizer/tokenizer.json)")
+    ap.add_argument("--tokenizer_path", default=None,
+                    help="tokenizer.json (default: the checkpoint's, and another is refused; checkpoints without "
+                         "one: the bundled model/tokenizer/tokenizer.json)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     ap.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for no system message")
     ap.add_argument("--history_cnt", type=non_negative_int, default=0,

@@ -138,10 +138,11 @@ def main():
                 print(f"104M export {dtype}: {seconds:.2f} s, model.safetensors {size / 1e6:.1f} MB "
                       f"(checkpoint {os.path.getsize(big) / 1e6:.1f} MB)")
             seconds = timed(convert.import_model, os.path.join(tmp, "big_float32"), os.path.join(tmp, "big_back.pth"))
-            a, b = torch.load(big, weights_only=False), torch.load(os.path.join(tmp, "big_back.pth"), weights_only=False)
+            back_path = os.path.join(tmp, "big_back.pth")
+            a, b = torch.load(big, weights_only=False), torch.load(back_path, weights_only=False)
             identical = a["config"] == b["config"] and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
-            print(f"104M import float32: {seconds:.2f} s, {os.path.getsize(os.path.join(tmp, 'big_back.pth')) / 1e6:.1f}"
-                  f" MB; round trip bit-identical: {identical}")
+            print(f"104M import float32: {seconds:.2f} s, {os.path.getsize(back_path) / 1e6:.1f} MB; round trip "
+                  f"bit-identical: {identical}")
             _, _, worst = compare_logits(big, os.path.join(tmp, "big_float32"), 2, 256)
             print(f"104M (random weights): max |logit diff| ours vs transformers over 2 x 256 tokens: {worst}")
 

@@ -121,6 +121,10 @@ def model_config_from_llama(config, max_seq_len=None):
                                f"(plain rotate-half RoPE only)")
     if config.get("pretraining_tp", 1) != 1:
         raise UnsupportedModel(f"pretraining_tp {config['pretraining_tp']} is not supported")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if config.get(k) is None]
+    if missing:
+        raise UnsupportedModel(f"config.json lacks {', '.join(missing)}")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim", dim // n_heads) != dim // n_heads:
         raise UnsupportedModel(f"head_dim {config['head_dim']} != hidden_size / num_attention_heads = "
@@ -195,7 +199,8 @@ def chat_template(system_prompt, bos, eos):
         return json.dumps(s, ensure_ascii=False)
 
     def block(role, content):   # one turn; message text gets its "<" escaped (see ESCAPE)
-        return f"{{{{ {text(bos)} + {role} + '\\n' + {content} | replace('<', {text(ESCAPE)}) + {text(eos + chr(10))} }}}}"
+        escaped = f"{content} | replace('<', {text(ESCAPE)})"
+        return f"{{{{ {text(bos)} + {role} + '\\n' + {escaped} + {text(eos + chr(10))} }}}}"
 
     return ("{%- if messages[0]['role'] == 'system' -%}"
             "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"

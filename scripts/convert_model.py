@@ -232,65 +232,49 @@ def stage_from_name(src):
                 "imported")
 
 
-def import_model(src, out_path, tokenizer_path=None, n_heads=None, max_seq_len=None):
+def read_source(src):
+    """(config.json dict or {}, state dict) of a transformers directory or a bare state-dict file."""
     if not os.path.exists(src):
         raise UserError(f"not found: {src} (a Hugging Face Llama directory, a MiniMind2 .pth, or a MiniMind2 "
                         f"transformers directory)")
-    config, stage, step = {}, stage_from_name(src), 0
     if os.path.isdir(src):
         config_path = os.path.join(src, "config.json")
         if not os.path.isfile(config_path):
             raise UserError(f"{src} has no config.json: not a transformers model directory")
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-        state = clean_state_dict(directory_weights(src))
-    else:
-        state = read_weights(src)
-        if isinstance(state, dict) and "model" in state and "config" in state:
-            raise UserError(f"{src} is already a TinyMind checkpoint: use it as it is")
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise UserError(f"{src} is not a state dict (a dict of parameter names to tensors)")
-        state = clean_state_dict(state)
-    refuse_moe(src, state, config)
-    model_type = config.get("model_type", "minimind")
-    try:
-        if model_type == "llama" or (model_type == "minimind" and "model.embed_tokens.weight" in state):
-            # A Llama (our exports included), or MiniMind's later code: Llama names, rotate-half RoPE.
-            if any(".q_norm." in k or ".k_norm." in k for k in state):
-                raise UnsupportedModel("per-head q_norm/k_norm (Qwen3-style attention) are not supported")
-            if model_type == "minimind":   # Llama's field names; its FFN width may be left to the code
-                config = {"tie_word_embeddings": True, **config, "rope_scaling": None,
-                          "max_position_embeddings": MINIMIND2_TRAINED_LEN,
-                          "intermediate_size": config.get("intermediate_size")
-                          or state["model.layers.0.mlp.gate_proj.weight"].shape[0]}
-            cfg = model_config_from_llama(config, max_seq_len)
-            if n_heads and n_heads != cfg.n_heads:
-                raise UserError(f"--n_heads {n_heads} conflicts with {src}/config.json (num_attention_heads "
-                                f"{cfg.n_heads}): drop the flag")
-            tied_copy = state.get("lm_head.weight")
-            if cfg.tie_word_embeddings and tied_copy is not None:
-                if not torch.equal(tied_copy, state["model.embed_tokens.weight"]):
-                    raise UnsupportedModel("tie_word_embeddings is true but lm_head.weight differs from "
-                                           "model.embed_tokens.weight (a tie mismatch)")
-                del state["lm_head.weight"]
-            state = from_llama_state_dict(state, cfg.n_layers)
-            if cfg.tie_word_embeddings:
-                state["output.weight"] = state.get("tok_embeddings.weight")
-            extra = config.get("tinymind") or {}
-            stage, step = extra.get("stage") or stage, extra.get("step") or step
-        elif model_type == "minimind":
-            cfg = minimind2_config(state, config, n_heads, src)
-            if max_seq_len:
-                cfg.max_seq_len = max_seq_len
-            state = from_minimind2(state, cfg)
-        else:
-            raise UserError(f"{src}/config.json: model_type {model_type!r} is not Llama (LlamaForCausalLM) or "
-                            f"MiniMind2 (minimind): cannot import it")
-    except UnsupportedModel as e:
-        raise UserError(f"{src}: {e}") from None
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{src}: config.json lacks or mistypes a field a Llama config needs ({e})") from None
+        return config, clean_state_dict(directory_weights(src))
+    state = read_weights(src)
+    if isinstance(state, dict) and "model" in state and "config" in state:
+        raise UserError(f"{src} is already a TinyMind checkpoint: use it as it is")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{src} is not a state dict (a dict of parameter names to tensors)")
+    return {}, clean_state_dict(state)
 
+
+def from_llama(state, config, max_seq_len):
+    """(ModelConfig, our state dict) of a Llama-named state dict: our exports, other Llamas, later MiniMind."""
+    if any(".q_norm." in k or ".k_norm." in k for k in state):
+        raise UnsupportedModel("per-head q_norm/k_norm (Qwen3-style attention) are not supported")
+    if config.get("model_type") == "minimind":   # Llama's field names; its FFN width may be left to its code
+        gate = state.get("model.layers.0.mlp.gate_proj.weight")
+        config = {"tie_word_embeddings": True, **config, "rope_scaling": None,
+                  "max_position_embeddings": MINIMIND2_TRAINED_LEN,
+                  "intermediate_size": config.get("intermediate_size") or (gate.shape[0] if gate is not None else None)}
+    cfg = model_config_from_llama(config, max_seq_len)
+    state = dict(state)
+    tied_copy = state.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    if tied_copy is not None and not torch.equal(tied_copy, state.get("model.embed_tokens.weight")):
+        raise UnsupportedModel("tie_word_embeddings is true but lm_head.weight differs from "
+                               "model.embed_tokens.weight (a tie mismatch)")
+    state = from_llama_state_dict(state, cfg.n_layers)
+    if cfg.tie_word_embeddings:
+        state["output.weight"] = state.get("tok_embeddings.weight")
+    return cfg, state
+
+
+def model_from_state(state, cfg, src):
+    """A Transformer(cfg) holding `state`; missing, unexpected or misshapen weights are named."""
     model = Transformer(cfg)
     expected = model.state_dict()
     missing = sorted(k for k in expected if state.get(k) is None)
@@ -303,7 +287,33 @@ def import_model(src, out_path, tokenizer_path=None, n_heads=None, max_seq_len=N
             raise UserError(f"{src}: {key} has shape {tuple(state[key].shape)}, the config (dim {cfg.dim}, "
                             f"{cfg.n_heads}/{cfg.n_kv_heads} heads, ffn {cfg.hidden_dim}, vocab {cfg.vocab_size}) "
                             f"needs {tuple(tensor.shape)}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)   # float32 master weights
+    return model
+
+
+def import_model(src, out_path, tokenizer_path=None, n_heads=None, max_seq_len=None):
+    config, state = read_source(src)
+    refuse_moe(src, state, config)
+    model_type = config.get("model_type", "minimind")   # a bare .pth: MiniMind2's
+    stage, step = stage_from_name(src), 0
+    try:
+        if model_type == "llama" or (model_type == "minimind" and "model.embed_tokens.weight" in state):
+            cfg, state = from_llama(state, config, max_seq_len)
+            if n_heads and n_heads != cfg.n_heads:
+                raise UserError(f"--n_heads {n_heads} conflicts with {src}/config.json (num_attention_heads "
+                                f"{cfg.n_heads}): drop the flag")
+            extra = config.get("tinymind") or {}   # our own export: the stage and step it came from
+            stage, step = extra.get("stage") or stage, extra.get("step") or step
+        elif model_type == "minimind":
+            cfg = minimind2_config(state, config, n_heads, src)
+            cfg.max_seq_len = max_seq_len or cfg.max_seq_len
+            state = from_minimind2(state, cfg)
+        else:
+            raise UserError(f"{src}/config.json: model_type {model_type!r} is not Llama (LlamaForCausalLM) or "
+                            f"MiniMind2 (minimind): cannot import it")
+    except UnsupportedModel as e:
+        raise UserError(f"{src}: {e}") from None
+    model = model_from_state(state, cfg, src)
     tokenizer = import_tokenizer(src if os.path.isdir(src) else None, tokenizer_path, src)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens, the model only "

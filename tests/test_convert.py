@@ -18,7 +18,8 @@ from model.tokenizer import DEFAULT_TOKENIZER, SPECIAL_TOKEN_NAMES, SPECIAL_TOKE
 from tests.conftest import ROOT
 from trainer.checkpoint import atomic_save, load_model, model_payload
 
-safetensors = pytest.importorskip("safetensors", reason="safetensors is not installed (pip install -r requirements.txt)")
+safetensors = pytest.importorskip("safetensors", reason="safetensors is not installed (pip install -r "
+                                                        "requirements.txt)")
 SCRIPT = os.path.join(ROOT, "scripts", "convert_model.py")
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400, max_seq_len=128)
 
@@ -438,6 +439,8 @@ BAD_INPUTS = {
                                     "comes without a tokenizer.json: pass --tokenizer_path"),
     "wrong --n_heads": (lambda t, e: state_pth(t, "pretrain_64.pth", minimind2_state_dict(n_heads=8, n_kv_heads=2)),
                         "wk has 16 rows, not a whole number of 32-wide"),
+    "config without sizes": (lambda t, e: llama_dir(e, t, lambda c: c.pop("hidden_size")),
+                             "config.json lacks hidden_size"),
     "not a state dict": (lambda t, e: state_pth(t, "x.pth", [1, 2]), "is not a state dict"),
     "a TinyMind checkpoint": (lambda t, e: e[1], "is already a TinyMind checkpoint"),
 }
