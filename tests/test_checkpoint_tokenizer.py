@@ -65,11 +65,11 @@ def test_sft_after_pretrain_uses_the_checkpoint_tokenizer(pretrained_with_custom
     assert "<|im_start|>user\n" in proc.stdout
 
 
-@pytest.mark.parametrize("script", ["train_full_sft.py", "eval_model.py"])
+@pytest.mark.parametrize("script", ["train_full_sft.py", "train_dpo.py", "train_lora.py", "eval_model.py"])
 def test_a_conflicting_tokenizer_is_one_line_naming_both(pretrained_with_custom_tokenizer, script):
     out, tokenizer_path = pretrained_with_custom_tokenizer
     checkpoint = out / "pretrain_64.pth"
-    flag = "--init_from" if script == "train_full_sft.py" else "--checkpoint"
+    flag = "--checkpoint" if script == "eval_model.py" else "--init_from"
     proc = run_script(script, flag, checkpoint, "--tokenizer_path", DEFAULT_TOKENIZER, "--device", "cpu",
                       "--out_dir", out, check=False)
     assert proc.returncode == 2, proc.stderr
