@@ -19,10 +19,9 @@ import torch
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.dpo import DPODataset, collate_pairs
 from model.lora import BaseModel, adapters_only, load_lora, merge_lora
-from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import add_lora_flags, base_parser, model_flags
-from trainer.checkpoint import (atomic_save, attach_lora, find_stage_checkpoint, load_model, model_payload,
-                                stage_path)
+from trainer.checkpoint import (atomic_save, attach_lora, checkpoint_tokenizer, find_stage_checkpoint, load_model,
+                                model_payload, stage_path)
 from trainer.cli import non_negative_float, positive_float, run_main
 from trainer.fsdp import shard_model
 from trainer.losses import DPO_LOSS_TYPES, LABEL_SMOOTHING_TYPES, dpo_loss, sequence_logps
@@ -83,9 +82,10 @@ def make_dpo_step(reference, args):
 def reference_cache_path(args, data, init_from, tokenizer):
     """Cache file for precomputed reference log-probs, keyed by everything they depend on."""
     h = hashlib.sha1()
-    for path in data.index.paths + [init_from, tokenizer.path]:
+    for path in data.index.paths + [init_from]:
         st = os.stat(path)
         h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|".encode())
+    h.update(tokenizer.json_text.encode())
     h.update(f"{args.max_seq_len}|{args.system_prompt}|{args.dtype}".encode())
     return os.path.join(args.out_dir, "cache", f"ref_logps_{h.hexdigest()[:16]}.pt")
 
@@ -141,10 +141,10 @@ def main():
         parser.error(f"--label_smoothing has no effect with --loss_type {args.loss_type}: use it with "
                      f"{' or '.join(LABEL_SMOOTHING_TYPES)}, or drop it")
     dist, precision = start(args)
-    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
     init_from = args.init_from or find_stage_checkpoint(args.out_dir, "full_sft", args.dim)
     flags = {**model_flags(args), "dropout": 0.0}  # dropout off: both models must score deterministically
-    model, cfg, _ = load_model(init_from, flags)
+    model, cfg, ckpt = load_model(init_from, flags)
+    tokenizer = checkpoint_tokenizer(ckpt, init_from, args.tokenizer_path)  # the SFT model's tokenizer
     dist.print(f"policy and reference initialised from {init_from}")
     describe_model(model, dist)
     lora = None
@@ -194,7 +194,8 @@ def main():
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_pairs,
                   loss_fn=make_dpo_step(reference, args), terms_per_step=args.batch_size * args.accumulation_steps,
                   eval_dataset=eval_data, init_from=init_from, extra_state=extra_state,
-                  save_weights=adapters_only if lora else None, load_weights=load_lora if lora else None)
+                  save_weights=adapters_only if lora else None, load_weights=load_lora if lora else None,
+                  tokenizer=tokenizer)
     run_training(model, stage, args, dist, precision)
     if lora and args.merge_lora and dist.is_main:
         # Fold the saved adapters into the base weights: a plain model, usable as any stage checkpoint
@@ -204,7 +205,7 @@ def main():
         attach_lora(base, adapters)
         payload = torch.load(adapters, weights_only=False)
         merged = stage_path(out_dir, args.save_name, cfg.dim)
-        atomic_save({**model_payload(merge_lora(base), args.save_name, payload["step"]), "args": payload["args"],
+        atomic_save({**model_payload(merge_lora(base), args.save_name, payload["step"], tokenizer=tokenizer), "args": payload["args"],
                      "dpo": extra_state["dpo"], "merged_lora": extra_state["lora"]}, merged)
         dist.print(f"merged the adapters into {merged}")
     finish()

@@ -15,11 +15,26 @@ from dataset.chat import DEFAULT_SYSTEM_PROMPT, show_sample
 from dataset.sft import SFTDataset, collate_sft
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
-from trainer.checkpoint import find_stage_checkpoint, load_model
-from trainer.cli import run_main
+from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model, read_checkpoint
+from trainer.cli import UserError, run_main
 from trainer.losses import language_model_loss
 from trainer.loop import Stage, run_training
 from trainer.setup import describe_model, finish, seed_rank, start
+
+
+def show_first_sample(args):
+    """Print the first conversation as the model will see it: with the tokenizer of the checkpoint SFT starts
+    from, or before any pretraining, with --tokenizer_path (default: the bundled one)."""
+    try:
+        init_from = args.init_from or find_stage_checkpoint(args.out_dir, "pretrain", args.dim)
+    except UserError:  # no pretrained model yet
+        init_from = None
+    tokenizer = (checkpoint_tokenizer(read_checkpoint(init_from), init_from, args.tokenizer_path) if init_from
+                 else Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER))
+    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None, args.skip_bad_lines)
+    ids, mask = data.render(0)
+    print(show_sample(tokenizer, ids, mask))
+    print(f"\n{len(ids)} tokens, {sum(mask)} supervised (green, in [[ ]])")
 
 
 def main():
@@ -31,18 +46,16 @@ def main():
                         help="system prompt for conversations that have none ('' for none)")
     parser.add_argument("--show_sample", action="store_true", help="print one rendered sample and exit")
     args = parser.parse_args()
-    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
-    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None, args.skip_bad_lines)
     if args.show_sample:
-        ids, mask = data.render(0)
-        print(show_sample(tokenizer, ids, mask))
-        print(f"\n{len(ids)} tokens, {sum(mask)} supervised (green, in [[ ]])")
+        show_first_sample(args)
         return
 
     dist, precision = start(args)
     init_from = args.init_from or find_stage_checkpoint(args.out_dir, "pretrain", args.dim)
-    model, cfg, _ = load_model(init_from, model_flags(args))
+    model, cfg, ckpt = load_model(init_from, model_flags(args))
+    tokenizer = checkpoint_tokenizer(ckpt, init_from, args.tokenizer_path)  # the pretraining's tokenizer
     dist.print(f"initialised from {init_from}")
+    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None, args.skip_bad_lines)
     describe_model(model, dist)
     seed_rank(args, dist)
     dist.print(f"data: {len(data)} conversations" + (f"; skipped {data.bad_lines} bad lines "
@@ -53,7 +66,7 @@ def main():
                                flag="--eval_path")
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
-                  eval_dataset=eval_data, init_from=init_from)
+                  eval_dataset=eval_data, init_from=init_from, tokenizer=tokenizer)
     run_training(model, stage, args, dist, precision)
     finish()
 

@@ -14,9 +14,8 @@ import os
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.sft import SFTDataset, collate_sft
 from model.lora import adapters_only, load_lora
-from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import add_lora_flags, base_parser, model_flags
-from trainer.checkpoint import find_stage_checkpoint, load_model
+from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model
 from trainer.cli import run_main
 from trainer.losses import language_model_loss
 from trainer.loop import Stage, run_training
@@ -35,9 +34,9 @@ def main():
                         help="system prompt for conversations that have none ('' for none)")
     args = parser.parse_args()
     dist, precision = start(args)
-    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
     init_from = args.init_from or find_stage_checkpoint(args.out_dir, "full_sft", args.dim)
-    model, cfg, _ = load_model(init_from, model_flags(args))
+    model, cfg, ckpt = load_model(init_from, model_flags(args))
+    tokenizer = checkpoint_tokenizer(ckpt, init_from, args.tokenizer_path)  # the base model's tokenizer
     dist.print(f"base model (frozen): {init_from}")
     describe_model(model, dist)
     lora = apply_lora(model, args)
@@ -58,7 +57,7 @@ def main():
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from,
                   save_weights=adapters_only, load_weights=load_lora,
-                  extra_state={"lora": {**lora, "base": init_from}})
+                  extra_state={"lora": {**lora, "base": init_from}}, tokenizer=tokenizer)
     run_training(model, stage, args, dist, precision)
     finish()
 

@@ -40,7 +40,7 @@ def main():
                                     flag="--eval_path")
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_blocks, loss_fn=language_model_loss,
                   terms_per_step=args.batch_size * args.max_seq_len * args.accumulation_steps,
-                  eval_dataset=eval_data)
+                  eval_dataset=eval_data, tokenizer=tokenizer)
     run_training(model, stage, args, dist, precision)
     finish()
 

@@ -15,9 +15,8 @@ Writes {out_dir}/reward_{dim}.pth; score conversations with bench/score_reward.p
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.reward import RewardDataset, collate_reward_pairs
 from model.heads import RewardModel, rewards_at
-from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
-from trainer.checkpoint import find_stage_checkpoint, load_model
+from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model
 from trainer.cli import non_negative_float, run_main
 from trainer.losses import reward_pair_loss
 from trainer.loop import Stage, run_training
@@ -63,10 +62,10 @@ def main():
                         help="system prompt for conversations that have none ('' for none)")
     args = parser.parse_args()
     dist, precision = start(args)
-    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
     init_from = args.init_from or find_stage_checkpoint(args.out_dir, "full_sft", args.dim)
     flags = {**model_flags(args), "dropout": 0.0}   # dropout off, as TRL does: scores must be deterministic
-    language_model, cfg, _ = load_model(init_from, flags)
+    language_model, cfg, ckpt = load_model(init_from, flags)
+    tokenizer = checkpoint_tokenizer(ckpt, init_from, args.tokenizer_path)   # the SFT model's tokenizer
     model = RewardModel.from_language_model(language_model)   # same seed on every rank: the same fresh head
     del language_model
     dist.print(f"reward model: body from {init_from}, a fresh Linear({cfg.dim}, 1) score head")
@@ -85,7 +84,8 @@ def main():
                               "system_prompt": system_prompt}}
     stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_reward_pairs, loss_fn=make_reward_step(args),
                   terms_per_step=args.batch_size * args.accumulation_steps, eval_dataset=eval_data,
-                  init_from=init_from, extra_state=extra_state, shown_metrics=("accuracy", "margin"))
+                  init_from=init_from, extra_state=extra_state, shown_metrics=("accuracy", "margin"),
+                  tokenizer=tokenizer)
     run_training(model, stage, args, dist, precision)
     finish()
 

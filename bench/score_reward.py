@@ -21,8 +21,7 @@ from dataset.jsonl import DataError, iter_jsonl  # noqa: E402
 from dataset.reward import answer_sequence, pad_rows  # noqa: E402
 from dataset.sft import conversation_of  # noqa: E402
 from model.heads import rewards_at  # noqa: E402
-from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer  # noqa: E402
-from trainer.checkpoint import load_reward_model  # noqa: E402
+from trainer.checkpoint import checkpoint_tokenizer, load_reward_model  # noqa: E402
 from trainer.cli import ArgumentParser, UserError, positive_int, run_main  # noqa: E402
 
 
@@ -45,7 +44,8 @@ def main():
     ap.add_argument("--system_prompt", default=None,
                     help="system prompt for conversations without one (default: the one the model was trained "
                          "with; '' for none)")
-    ap.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: model/tokenizer/)")
+    ap.add_argument("--tokenizer_path", default=None,
+                    help="tokenizer.json (default: the checkpoint's; older checkpoints: model/tokenizer/)")
     ap.add_argument("--batch_size", type=positive_int, default=16, help="conversations per forward pass")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -53,7 +53,7 @@ def main():
     model, _, ckpt = load_reward_model(args.model)
     model = model.to(args.device).eval()
     system_prompt = args.system_prompt if args.system_prompt is not None else ckpt["reward"]["system_prompt"]
-    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
+    tokenizer = checkpoint_tokenizer(ckpt, args.model, args.tokenizer_path)
     where, records, sequences = [], [], []
     for place, obj in iter_jsonl(args.data_path):
         try:

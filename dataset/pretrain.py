@@ -24,8 +24,7 @@ def _cache_key(path, tokenizer):
     st = os.stat(path)
     h = hashlib.sha1()
     h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|".encode())
-    with open(tokenizer.path, "rb") as f:
-        h.update(f.read())
+    h.update(tokenizer.json_text.encode())
     return h.hexdigest()[:16]
 
 

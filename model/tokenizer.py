@@ -6,6 +6,7 @@ text; special ids are only ever inserted by our own code (the chat template, the
 constants below. MiniMind2's own tokenizer.json uses the same ids and works unchanged, under either of its
 two sets of names for them (see SPECIAL_TOKEN_NAMES).
 """
+import json
 import os
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -26,20 +27,39 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
+    """Load from a tokenizer.json file (`Tokenizer(path)`) or from its text (`Tokenizer.from_json(text, source)`,
+    e.g. the copy every checkpoint carries). `json_text` is the file's text, so it can travel with the model."""
+
     def __init__(self, path=DEFAULT_TOKENIZER):
         if not os.path.isfile(path):
             raise TokenizerError(f"tokenizer file not found: {path} (train one with `python train_tokenizer.py`)")
-        self.path = path
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": the text exactly as in the file
+            self._load(f.read(), path)
+
+    @classmethod
+    def from_json(cls, text, source):
+        """A tokenizer from the text of a tokenizer.json; `source` says where it came from (for messages)."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(text, source)
+        return tokenizer
+
+    def _load(self, text, source):
+        self.path = source  # the file it was read from (first, for a copy carried by a checkpoint)
+        self.json_text = text
         try:
-            self._tok = HFTokenizer.from_file(path)
+            self._tok = HFTokenizer.from_str(text)
         except Exception as e:  # noqa: BLE001 - not JSON / not a tokenizer: name the file, not serde's internals
-            raise TokenizerError(f"{path} is not a readable tokenizer.json ({e})") from None
+            raise TokenizerError(f"{source} is not a readable tokenizer.json ({e})") from None
         names = [self._tok.id_to_token(i) for i in range(len(SPECIAL_TOKENS))]
         if names not in SPECIAL_TOKEN_NAMES:
-            raise TokenizerError(f"{path}: ids 0, 1, 2 are {names}, expected "
+            raise TokenizerError(f"{source}: ids 0, 1, 2 are {names}, expected "
                                  f"{' or '.join(map(str, SPECIAL_TOKEN_NAMES))} (pad/unknown, start, end)")
         # Never match special tokens inside text: "</s>" typed by a user stays the five characters "</s>".
         self._tok.encode_special_tokens = True
+
+    def same_as(self, other):
+        """True when both tokenizers come from the same tokenizer.json content (formatting aside)."""
+        return json.loads(self.json_text) == json.loads(other.json_text)
 
     @property
     def vocab_size(self):

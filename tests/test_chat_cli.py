@@ -211,9 +211,17 @@ def test_minimind2_renamed_tokenizer_chats_like_ours(out_dir, tmp_path):
         spec["model"]["vocab"][new] = spec["model"]["vocab"].pop(old)
         next(t for t in spec["added_tokens"] if t["content"] == old)["content"] = new
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    # A checkpoint written before tokenizers travelled inside checkpoints (an imported MiniMind2 .pth is one
+    # too): --tokenizer_path chooses its tokenizer. (One that carries a tokenizer refuses another one.)
+    import torch
+    old = tmp_path / "old"
+    old.mkdir()
+    ckpt = torch.load(out_dir / "full_sft_64.pth", weights_only=False)
+    del ckpt["tokenizer"]
+    torch.save(ckpt, old / "full_sft_64.pth")
     prompts = "你好\nWhat is your name?\n"
-    ours = chat(out_dir, "--seed", 5, "--max_new_tokens", 20, "--history_cnt", 2, stdin=prompts)
-    theirs = chat(out_dir, "--seed", 5, "--max_new_tokens", 20, "--history_cnt", 2,
+    ours = chat(old, "--seed", 5, "--max_new_tokens", 20, "--history_cnt", 2, stdin=prompts)
+    theirs = chat(old, "--seed", 5, "--max_new_tokens", 20, "--history_cnt", 2,
                   "--tokenizer_path", tmp_path / "tokenizer.json", stdin=prompts)
     assert ours[0] == theirs[0] == 0, theirs[2]
     # The same ids were sampled; a special id inside an answer shows under the file's own name.

@@ -182,6 +182,11 @@ def test_bad_pretrain_line_under_torchrun_is_reported_once(tmp_path):
 
 
 def test_bad_sft_line_under_torchrun_is_reported_once(tmp_path):
+    """SFT reads its data with the tokenizer of the checkpoint it starts from, so it needs one first."""
+    from model import ModelConfig, Transformer
+    from trainer.checkpoint import atomic_save, model_payload
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400))
+    atomic_save(model_payload(model, "pretrain", 0), str(tmp_path / "pretrain_64.pth"))
     path = write_lines(tmp_path / "bad.jsonl", [CONVERSATION] * 4 + ['{"conversations": [}'])
     proc = run_script("train_full_sft.py", "--data_path", path, "--out_dir", tmp_path, "--device", "cpu",
                       nproc=2, check=False, timeout=300)

@@ -19,7 +19,9 @@ def base_parser(description, *, stage, lr, epochs, batch_size, max_seq_len, data
     g.add_argument("--eval_path", default=None, help="held-out JSONL: its loss is measured before and after")
     g.add_argument("--out_dir", default="out", help="where checkpoints, resume files and logs go")
     g.add_argument("--save_name", default=stage, help="checkpoint prefix: {out_dir}/{save_name}_{dim}.pth")
-    g.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: model/tokenizer/)")
+    g.add_argument("--tokenizer_path", default=None,
+                   help="tokenizer.json (pretraining default: model/tokenizer/; later stages use their checkpoint's "
+                        "and refuse another)")
     g.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
     g.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes")
 

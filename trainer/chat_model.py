@@ -4,8 +4,8 @@ import os
 from dataclasses import dataclass
 
 from model import Transformer
-from model.tokenizer import BOS_ID, DEFAULT_TOKENIZER, Tokenizer
-from trainer.checkpoint import attach_lora, find_stage_checkpoint, load_model
+from model.tokenizer import BOS_ID, Tokenizer
+from trainer.checkpoint import attach_lora, checkpoint_tokenizer, find_stage_checkpoint, load_model
 from trainer.distributed import pick_device
 
 MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf"}
@@ -20,7 +20,9 @@ def add_model_args(ap):
     ap.add_argument("--out_dir", default="out", help="where --model_mode finds {stage}_{dim}.pth")
     ap.add_argument("--dim", type=int, default=None, help="picks {stage}_{dim}.pth; checked against the checkpoint")
     ap.add_argument("--n_layers", type=int, default=None, help="checked against the checkpoint")
-    ap.add_argument("--tokenizer_path", default=None, help="tokenizer.json (default: the bundled model/tokenizer/tokenizer.json)")
+    ap.add_argument("--tokenizer_path", default=None,
+                    help="tokenizer.json (default: the checkpoint's, and another is refused; checkpoints without "
+                         "one: the bundled model/tokenizer/tokenizer.json)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     ap.add_argument("--lora_name", default=None,
                     help="add the LoRA adapters {out_dir}/lora/{lora_name}_{dim}.pth (train_lora.py) to the model")
@@ -54,8 +56,8 @@ def load_chat_model(args):
         lora_path = os.path.join(args.out_dir, "lora", f"{args.lora_name}_{cfg.dim}.pth")
         lora = attach_lora(model, lora_path)
     model.to(device).eval()
-    # None means the bundled tokenizer (a later change may take it from the checkpoint instead).
-    tokenizer = Tokenizer(args.tokenizer_path or DEFAULT_TOKENIZER)
+    # The tokenizer the model was trained with, carried by the checkpoint (older ones: the bundled default).
+    tokenizer = checkpoint_tokenizer(ckpt, path, args.tokenizer_path)
     # Mode 0 (or a pretraining checkpoint) continues raw text: a pretrained model has never seen the template.
     chat = ckpt.get("stage") != "pretrain" if args.checkpoint else args.model_mode != 0
     return ChatModel(model, path, ckpt, tokenizer, chat, device, lora_path, lora)

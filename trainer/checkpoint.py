@@ -1,6 +1,7 @@
 """Checkpoints: the stage output (weights + config) and the resume file (everything needed to continue).
 
-    {out_dir}/{stage}_{dim}.pth          {"model": state_dict, "config": ModelConfig dict, "stage", "step"}
+    {out_dir}/{stage}_{dim}.pth          {"model": state_dict, "config": ModelConfig dict, "stage", "step",
+                                          "tokenizer": {"json": tokenizer.json text, "source": its path}}
     {out_dir}/{stage}_{dim}_resume.pth   the above + optimizer, scaler, step, data position, RNG states,
                                          wandb run id
 
@@ -13,6 +14,7 @@ import os
 import torch
 
 from model import ARCH_FIELDS, ModelConfig, Transformer
+from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.cli import UserError
 
 # What writes each stage's checkpoint, for "not found" messages.
@@ -93,11 +95,37 @@ def unwrap(model):
     return model
 
 
-def model_payload(model, stage, step, state_dict=None):
-    """What a stage checkpoint holds. `state_dict`: the weights when they had to be gathered (FSDP)."""
+def model_payload(model, stage, step, state_dict=None, tokenizer=None):
+    """What a stage checkpoint holds. `state_dict`: the weights when they had to be gathered (FSDP).
+    `tokenizer`: the Tokenizer the model was trained with; its tokenizer.json text goes into the file, so the
+    ids keep their meaning wherever the checkpoint goes (later stages, eval_model.py, the export)."""
     model = unwrap(model)
     weights = clean_state_dict(state_dict if state_dict is not None else model.state_dict())
-    return {"model": weights, "config": model.cfg.to_dict(), "stage": stage, "step": step}
+    payload = {"model": weights, "config": model.cfg.to_dict(), "stage": stage, "step": step}
+    if tokenizer is not None:
+        payload["tokenizer"] = {"json": tokenizer.json_text, "source": tokenizer.path}
+    return payload
+
+
+def checkpoint_tokenizer(ckpt, path, tokenizer_path=None):
+    """The tokenizer a model loaded from the checkpoint `path` must use: the copy inside the checkpoint.
+    --tokenizer_path (`tokenizer_path`) may name the same tokenizer again; another one is refused, since the
+    model's ids would silently mean other text. Checkpoints from before tokenizers travelled with them carry
+    none: they were trained with the default tokenizer, or with the one --tokenizer_path names."""
+    given = Tokenizer(tokenizer_path) if tokenizer_path else None
+    if "tokenizer" not in ckpt:
+        tokenizer = given or Tokenizer(DEFAULT_TOKENIZER)
+        vocab_size = (ckpt.get("config") or {}).get("vocab_size", tokenizer.vocab_size)
+        if tokenizer.vocab_size > vocab_size:  # ids past the embedding table: not the model's tokenizer
+            raise UserError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens, the model in {path} only "
+                            f"{vocab_size}: pass the --tokenizer_path it was trained with")
+        return tokenizer
+    saved = ckpt["tokenizer"]
+    tokenizer = Tokenizer.from_json(saved["json"], saved["source"])
+    if given is not None and not given.same_as(tokenizer):
+        raise UserError(f"--tokenizer_path {tokenizer_path} differs from the tokenizer the checkpoint {path} was "
+                        f"trained with (from {saved['source']}): drop --tokenizer_path (the checkpoint's is used)")
+    return tokenizer
 
 
 def read_checkpoint(path, stage_hint=None):

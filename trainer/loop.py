@@ -57,6 +57,7 @@ class Stage:
     # and loads only its adapters (model/lora.py), so its files are small and the base stays untouched.
     save_weights: object = None  # full state dict -> the part to save
     load_weights: object = None  # (model, state dict) -> None
+    tokenizer: object = None     # the Tokenizer of the data: its tokenizer.json goes into every checkpoint
 
 
 def capture_rng():
@@ -292,8 +293,8 @@ def run_training(model, stage: Stage, args, dist, precision):
             weights, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
         if dist.is_main:
             # The flags go in too (and the command line), so a checkpoint says how it was made.
-            payload = {**model_payload(model, stage.name, step, weights), **stage.extra_state,
-                       "args": {**vars(args), "_argv": sys.argv[1:]}}
+            payload = {**model_payload(model, stage.name, step, weights, stage.tokenizer), **stage.extra_state,
+                       "args": {**vars(args), "_argv": sys.argv[1:]}, "tokens_seen": counters["tokens"]}
             if stage.save_weights is not None:
                 payload["model"] = stage.save_weights(payload["model"])
             atomic_save(payload, out_path)
