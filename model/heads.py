@@ -41,6 +41,9 @@ class RewardModel(nn.Module):
         """The body's transformer blocks (FSDP shards the model block by block: trainer/fsdp.py)."""
         return self.body.layers
 
+    def set_grad_checkpointing(self, enabled):
+        self.body.set_grad_checkpointing(enabled)
+
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
 
