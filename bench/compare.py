@@ -83,7 +83,7 @@ def main():
                                capture_output=True)
     base_tps, head_tps = (statistics.median(runs[label]) for label in (base_label, head_label))
     print(f"\nbenchmark: bench/train_throughput.py {' '.join(bench_args)} ({args.rounds} rounds, medians)")
-    print(f"| revision | tokens/s | runs |\n|---|---|---|")
+    print("| revision | tokens/s | runs |\n|---|---|---|")
     for label, tps in ((base_label, base_tps), (head_label, head_tps)):
         print(f"| {label} | {tps:,.0f} | {', '.join(f'{t:,.0f}' for t in runs[label])} |")
     print(f"\nratio head / base: {head_tps / base_tps:.3f}x")

@@ -11,7 +11,6 @@ value V(s_t) of the state before the token that position predicts.
 The body starts from the SFT model (it already understands the chat format); the LM head is dropped (as in
 Hugging Face's sequence-classification models), so the checkpoint holds the body and the score head only.
 """
-import torch
 from torch import nn
 
 from .config import ModelConfig

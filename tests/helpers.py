@@ -25,3 +25,10 @@ def run_script(script, *args, nproc=0, check=True, env=None, timeout=600):
 def read_log(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def write_jsonl(path, rows):
+    """A JSONL file of `rows`: dicts are dumped, strings (deliberately malformed lines) written as they are."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")

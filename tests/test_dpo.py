@@ -15,7 +15,7 @@ from dataset.jsonl import DataError
 from model import ModelConfig, Transformer
 from model.tokenizer import Tokenizer
 from tests.conftest import ROOT
-from tests.helpers import read_log, run_script
+from tests.helpers import read_log, run_script, write_jsonl
 from trainer.losses import dpo_loss, sequence_logps
 
 DATA = os.path.join(ROOT, "tests", "data")  # copies of ../shared/fixtures/*_trl.json (TRL 1.16.0's numbers)
@@ -88,12 +88,6 @@ def test_gradients_reach_only_the_policy():
     after = reference.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)          # bit-identical
     assert any(not torch.equal(before[k], policy.state_dict()[k]) for k in before)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
 
 
 U = {"role": "user", "content": "Who are you?"}

@@ -1,5 +1,4 @@
 """Pretraining data and the shared training loop, end to end on CPU."""
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from dataset.pretrain import PretrainDataset
 from dataset.sampler import BatchPlan
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from tests.conftest import ROOT
-from tests.helpers import TINY, read_log, run_script
+from tests.helpers import TINY, read_log, run_script, write_jsonl
 from trainer.checkpoint import config_from_checkpoint
 from trainer.cli import UserError
 from trainer.schedule import lr_at
@@ -24,12 +23,6 @@ from trainer.schedule import lr_at
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer()
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
 
 
 def test_packing_has_no_padding_and_keeps_every_document_in_order(tmp_path, tok):

@@ -14,17 +14,11 @@ from model import ModelConfig
 from model.heads import RewardModel, rewards_at
 from model.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from tests.conftest import ROOT
-from tests.helpers import read_log, run_script
+from tests.helpers import read_log, run_script, write_jsonl
 from trainer.checkpoint import load_reward_model
 from trainer.losses import last_non_pad_index
 
 IDENTITY = os.path.join(ROOT, "dataset", "demo", "dpo_identity.jsonl")
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
 
 
 U = {"role": "user", "content": "Who are you?"}

@@ -135,7 +135,7 @@ def make_loader(dataset, batch_sampler, collate_fn, num_workers, device):
 def check_resume_flags(saved_args, args, saved_world_size, world_size, res_path, dist):
     """--resume continues THE SAME run: refuse flags that change the data order or the LR schedule (naming the
     flag, both values and how to start fresh), warn about any other changed flag."""
-    fresh = f"or start a fresh run without --resume (another --out_dir keeps this one's files)"
+    fresh = "or start a fresh run without --resume (another --out_dir keeps this one's files)"
     saved_global = saved_args["batch_size"] * saved_args["accumulation_steps"] * saved_world_size
     now_global = args.batch_size * args.accumulation_steps * world_size
     if saved_global != now_global:
