@@ -94,7 +94,10 @@ class Job:
 
     def publish(self, update):
         """Called from the batch thread: hand an update to the handler's event loop (thread-safe)."""
-        self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
+        try:
+            self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
+        except RuntimeError:  # the event loop is closed (the server is shutting down): nobody listens
+            pass
 
     def cancel(self):
         """The client left (or the handler ended early): the row leaves the batch at the next step."""
@@ -145,7 +148,7 @@ class BatchLoop(threading.Thread):
                 except queue.Empty:
                     continue
                 self.admit(job)
-            # Requests take free rows only; the rest stay in the bounded inbox (which is what 503 measures).
+            # Requests take free rows only; the rest wait in the inbox (submit bounds how many).
             while self.free_rows() > 0:
                 try:
                     self.admit(self.inbox.get_nowait())
@@ -155,9 +158,9 @@ class BatchLoop(threading.Thread):
 
     def admit(self, job):
         try:
-            self.engine.add(job.request)  # the handler checked the prompt's length: this should not raise
-        except ValueError as e:
-            job.publish(("error", str(e)))
+            self.engine.add(job.request)  # the handler checked the prompt and the seed: this should not raise
+        except Exception as e:  # noqa: BLE001 - one bad request must not end the loop that serves everyone
+            job.publish(("error", f"{type(e).__name__}: {e}"))
             self.finish(job)
             return
         self.jobs[job.request] = job
@@ -248,7 +251,7 @@ def read_completion_request(body, served, args):
         top_k=field(body, "top_k", (int,), default=0, check=lambda v: v >= 0, must="must be an integer >= 0"),
         repetition_penalty=field(body, "repetition_penalty", (int, float), default=1.0, check=lambda v: v > 0,
                                  must="must be a number > 0"),
-        seed=field(body, "seed", (int,), must="must be an integer"),
+        seed=field(body, "seed", (int,), check=lambda v: -2**63 <= v < 2**64, must="must be a 64-bit integer"),
         stop=tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s),
     )
     if served.chat:  # the chat template eval_model.py uses, with the same default system prompt
@@ -291,11 +294,12 @@ def create_app(served, batch_loop, args):
 
     @app.get("/health")
     async def health():
-        engine = batch_loop.engine
-        return {"status": "ok" if batch_loop.is_alive() else "batch loop stopped", "model": served.name,
+        alive = batch_loop.is_alive()
+        body = {"status": "ok" if alive else "the batch loop stopped", "model": served.name,
                 "running": batch_loop.running(), "queued": batch_loop.queued(),
-                "max_batch_size": len(engine.slots), "completed": batch_loop.completed,
+                "max_batch_size": len(batch_loop.engine.slots), "completed": batch_loop.completed,
                 "cancelled": batch_loop.cancelled}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     def model_card():
         return {"id": served.name, "object": "model", "created": int(os.path.getmtime(served.path)),
@@ -315,7 +319,7 @@ def create_app(served, batch_loop, args):
     async def chat_completions(http: HTTPRequest):
         try:
             body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]]
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         ids, settings, stream, include_usage = read_completion_request(body, served, args)
         job = Job(Request(ids, **settings), asyncio.get_running_loop())

@@ -169,3 +169,13 @@ def test_per_row_positions_forward_equals_one_row_forward(model):
             torch.testing.assert_close(batched[row, :len(p)], model(torch.tensor([p]))[0])
     with pytest.raises(ValueError, match="go together"):
         model(ids, positions=positions)
+
+
+def test_repetition_penalty_lowers_seen_tokens_whatever_their_sign():
+    """CTRL (arXiv:1909.05858): a seen token's positive logit is divided, a negative one multiplied, so both
+    become less likely (dividing a negative logit, as MiniMind2 does, would make it MORE likely). The engine
+    samples with model/generate.py's sample_next, checked here on both signs."""
+    from model.generate import sample_next
+    assert sample_next(torch.tensor([-1.0, -1.5]), [0], temperature=0, repetition_penalty=2.0) == 1  # -2 < -1.5
+    assert sample_next(torch.tensor([-1.0, -1.5]), [0], temperature=0, repetition_penalty=1.0) == 0
+    assert sample_next(torch.tensor([3.0, 2.0]), [0], temperature=0, repetition_penalty=2.0) == 1    # 1.5 < 2
