@@ -47,7 +47,7 @@ def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__)
     add_model_args(ap)
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too")
-    ap.add_argument("--port", type=positive_int, default=8998)
+    ap.add_argument("--port", type=positive_int, default=8998, help="as MiniMind2's server")
     ap.add_argument("--max_batch_size", type=positive_int, default=8, help="rows decoded together")
     ap.add_argument("--max_queue", type=positive_int, default=64,
                     help="requests waiting for a free row; one more is answered 503")
@@ -56,8 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--max_tokens", type=positive_int, default=512,
                     help="longest answer when a request gives no max_tokens")
     ap.add_argument("--temperature", type=non_negative_float, default=0.85,
-                    help="when a request gives none (eval_model.py's default; OpenAI's is 1)")
-    ap.add_argument("--top_p", type=probability_mass, default=0.85, help="when a request gives none (as --temperature)")
+                    help="when a request gives none (default: 0.85, as eval_model.py; OpenAI's is 1)")
+    ap.add_argument("--top_p", type=probability_mass, default=0.85, help="when a request gives none (as eval_model.py)")
     ap.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                     help="used when a conversation has no system message ('' for none); the same default as "
                          "eval_model.py, so both give the same answers")

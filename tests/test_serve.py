@@ -3,7 +3,6 @@ concurrent clients, a client that leaves mid-answer, a full queue, and every kin
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
