@@ -138,8 +138,9 @@ def main():
     if loaded.lora:
         note(f"+ LoRA adapters {loaded.lora_path} (rank {loaded.lora['rank']}, trained on {loaded.lora['base']})")
     context = args.max_seq_len or cfg.max_seq_len
-    # The batched engine (model/engine.py) with one row: the terminal has one conversation at a time.
-    engine = Engine(model, tokenizer, max_batch_size=1, max_len=context)
+    # The batched engine (model/engine.py) with one row: the terminal has one conversation at a time. No
+    # tokenizer: StreamPrinter turns the tokens into text here (and there are no stop strings).
+    engine = Engine(model, None, max_batch_size=1, max_len=context)
     # Without --seed, a fresh seed from the OS every run (torch's default seed would give the same "random"
     # answers each time); it is printed, so a run worth keeping can be repeated with --seed.
     generator = torch.Generator(device=device)

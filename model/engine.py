@@ -48,6 +48,8 @@ class Request:
     tokens: list = field(default_factory=list)  # every sampled token, as `generate` yields them (</s> included)
     text: str = ""                    # the answer's text released so far (see Engine._release_text)
     finish_reason: str = None         # "stop" (</s> or a stop string), "length", or "cancelled"
+    decoded: int = 0                  # how many tokens' text is final (see Engine._release_text) ...
+    decoded_text: str = ""            # ... and that text
 
     @property
     def finished(self):
@@ -168,7 +170,7 @@ class Engine:
     def _forward(self, slots, new_tokens):
         """Run each row's new tokens (a list per slot) through the model at the row's next positions, sample
         one token per row from the logits of its last new token, and retire the rows that are done."""
-        n, longest = len(slots), max(len(t) for t in new_tokens)
+        longest = max(len(t) for t in new_tokens)
         starts = torch.tensor([self.lengths[i] for i in slots], device=self.device)
         # Right-pad to the longest; the pads' positions continue after the row's tokens (see the module note).
         # The pad id does not matter (nothing reads a pad): 0.
@@ -206,7 +208,13 @@ class Engine:
         answer). While it runs, text that may still change is held back: a character whose bytes are not all
         there yet (it decodes as U+FFFD), and an ending that could be the start of a stop string."""
         answer = request.tokens[:-1] if request.tokens[-1] == request.eos_id else request.tokens
-        text = self.tokenizer.decode(answer)
+        # Decode only the tokens after the last complete character: the text before it never changes (the
+        # tokenizer works on bytes, so decode(a + b) == decode(a) + decode(b) when a ends a character).
+        # Decoding the whole answer at every step would cost O(length^2) over an answer.
+        tail = self.tokenizer.decode(answer[request.decoded:])
+        text = request.decoded_text + tail
+        if not tail.endswith("\ufffd"):
+            request.decoded, request.decoded_text = len(answer), text
         cuts = [text.find(s) for s in request.stop if s and s in text]
         if cuts:
             text, request.finish_reason = text[:min(cuts)], "stop"

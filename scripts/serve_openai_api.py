@@ -3,9 +3,10 @@
     python scripts/serve_openai_api.py                        # the SFT model in out/, http://127.0.0.1:8998
     python scripts/serve_openai_api.py --model_mode 2 --max_batch_size 16
     python scripts/serve_openai_api.py --checkpoint out/full_sft_768.pth --host 0.0.0.0
+    python scripts/serve_openai_api.py --extra_checkpoints out/pretrain_128.pth out/rlhf_128.pth   # 3 models
 
     POST /v1/chat/completions   messages, stream, max_tokens, temperature, top_p, stop, seed (OpenAI's fields)
-    GET  /v1/models             the model served (its id is the checkpoint's file name without .pth)
+    GET  /v1/models             the models served (an id is the checkpoint's file name without .pth)
     GET  /health                {"status": "ok", running / queued rows, ...}
     GET  /                      the chat page (scripts/chat.html)
 
@@ -15,7 +16,9 @@ hand each request its new text. A request that arrives while others generate joi
 whose client has gone is dropped at the next step. Requests wait in a queue of --max_queue places for a free
 row; when that is full the server answers 503 at once (the client may retry) instead of piling up work.
 Every error is OpenAI's JSON shape {"error": {"message", "type", "param", "code"}} with a 4xx status.
+Each model served (the main one, and any --extra_checkpoints) has its own batch thread, rows and queue.
 """
+import argparse
 import asyncio
 import json
 import os
@@ -24,6 +27,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as `python scripts/serve_openai_api.py`: import the project's packages
@@ -36,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT, ChatFormatError, render_chat, validate_messages  # noqa: E402
 from model.engine import Engine, Request  # noqa: E402
-from trainer.chat_model import add_model_args, load_chat_model, text_prompt  # noqa: E402
+from trainer.chat_model import ChatModel, add_model_args, load_chat_model, text_prompt  # noqa: E402
 from trainer.cli import ArgumentParser, UserError, non_negative_float, positive_int, probability_mass, run_main  # noqa: E402
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
@@ -46,8 +50,10 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__)
     add_model_args(ap)
+    ap.add_argument("--extra_checkpoints", nargs="+", default=[], metavar="PATH",
+                    help="more checkpoints to serve next to the main one (a request picks one by its `model`)")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too")
-    ap.add_argument("--port", type=positive_int, default=8998)
+    ap.add_argument("--port", type=positive_int, default=8998, help="as MiniMind2's server")
     ap.add_argument("--max_batch_size", type=positive_int, default=8, help="rows decoded together")
     ap.add_argument("--max_queue", type=positive_int, default=64,
                     help="requests waiting for a free row; one more is answered 503")
@@ -56,8 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--max_tokens", type=positive_int, default=512,
                     help="longest answer when a request gives no max_tokens")
     ap.add_argument("--temperature", type=non_negative_float, default=0.85,
-                    help="when a request gives none (eval_model.py's default; OpenAI's is 1)")
-    ap.add_argument("--top_p", type=probability_mass, default=0.85, help="when a request gives none (as --temperature)")
+                    help="when a request gives none (default: 0.85, as eval_model.py; OpenAI's is 1)")
+    ap.add_argument("--top_p", type=probability_mass, default=0.85, help="when a request gives none (as eval_model.py)")
     ap.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                     help="used when a conversation has no system message ('' for none); the same default as "
                          "eval_model.py, so both give the same answers")
@@ -94,7 +100,10 @@ class Job:
 
     def publish(self, update):
         """Called from the batch thread: hand an update to the handler's event loop (thread-safe)."""
-        self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
+        try:
+            self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
+        except RuntimeError:  # the event loop is closed (the server is shutting down): nobody listens
+            pass
 
     def cancel(self):
         """The client left (or the handler ended early): the row leaves the batch at the next step."""
@@ -145,7 +154,7 @@ class BatchLoop(threading.Thread):
                 except queue.Empty:
                     continue
                 self.admit(job)
-            # Requests take free rows only; the rest stay in the bounded inbox (which is what 503 measures).
+            # Requests take free rows only; the rest wait in the inbox (submit bounds how many).
             while self.free_rows() > 0:
                 try:
                     self.admit(self.inbox.get_nowait())
@@ -155,9 +164,9 @@ class BatchLoop(threading.Thread):
 
     def admit(self, job):
         try:
-            self.engine.add(job.request)  # the handler checked the prompt's length: this should not raise
-        except ValueError as e:
-            job.publish(("error", str(e)))
+            self.engine.add(job.request)  # the handler checked the prompt and the seed: this should not raise
+        except Exception as e:  # noqa: BLE001 - one bad request must not end the loop that serves everyone
+            job.publish(("error", f"{type(e).__name__}: {e}"))
             self.finish(job)
             return
         self.jobs[job.request] = job
@@ -187,6 +196,18 @@ class BatchLoop(threading.Thread):
                 job.publish((request.text, len(request.tokens), request.finish_reason))
 
 
+@dataclass
+class ServedModel:
+    """A model the server answers with: the loaded checkpoint, the thread that runs it, its context."""
+    chat: ChatModel
+    batch_loop: BatchLoop
+    context: int
+
+    @property
+    def name(self):
+        return self.chat.name
+
+
 # ----------------------------------------------------------------------------------------- reading a request
 
 def field(body, name, kinds, default=None, check=None, must=""):
@@ -211,14 +232,19 @@ def message_text(i, message):
     return content
 
 
-def read_completion_request(body, served, args):
-    """Check an OpenAI chat completion request; return (prompt ids, Request settings, stream, include_usage)."""
+def find_model(models, name):
+    if name not in models:
+        raise APIError(404, f"the model '{name}' does not exist; this server has {', '.join(map(repr, models))} "
+                            "(GET /v1/models)", param="model", code="model_not_found")
+    return models[name]
+
+
+def read_completion_request(body, models, args):
+    """Check an OpenAI chat completion request; return (the ServedModel it asks for, prompt ids, Request
+    settings, stream, include_usage). No `model`: the first one (the main checkpoint)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    model = field(body, "model", (str,), default=served.name, must="must be a string")
-    if model != served.name:
-        raise APIError(404, f"the model '{model}' does not exist; this server has '{served.name}' (GET /v1/models)",
-                       param="model", code="model_not_found")
+    served = find_model(models, field(body, "model", (str,), default=next(iter(models)), must="must be a string"))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
@@ -248,24 +274,25 @@ def read_completion_request(body, served, args):
         top_k=field(body, "top_k", (int,), default=0, check=lambda v: v >= 0, must="must be an integer >= 0"),
         repetition_penalty=field(body, "repetition_penalty", (int, float), default=1.0, check=lambda v: v > 0,
                                  must="must be a number > 0"),
-        seed=field(body, "seed", (int,), must="must be an integer"),
+        seed=field(body, "seed", (int,), check=lambda v: -2**63 <= v < 2**64, must="must be a 64-bit integer"),
         stop=tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s),
     )
-    if served.chat:  # the chat template eval_model.py uses, with the same default system prompt
-        ids, _ = render_chat(served.tokenizer, messages, add_generation_prompt=True,
-                             system_prompt=args.system_prompt or None)
+    tokenizer = served.chat.tokenizer
+    if served.chat.chat:  # the chat template eval_model.py uses, with the same default system prompt
+        ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True, system_prompt=args.system_prompt or None)
     else:  # a pretrained model continues the text of the last message (it has never seen the template)
-        ids = text_prompt(served.tokenizer, messages[-1]["content"])
-    if len(ids) >= args.context:
+        ids = text_prompt(tokenizer, messages[-1]["content"])
+    if len(ids) >= served.context:
         raise APIError(400, f"the prompt is {len(ids)} tokens (with the chat template); the context is "
-                            f"{args.context} tokens, and the answer needs at least one", param="messages",
+                            f"{served.context} tokens, and the answer needs at least one", param="messages",
                        code="context_length_exceeded")
-    return ids, settings, stream, bool(options.get("include_usage"))
+    return served, ids, settings, stream, bool(options.get("include_usage"))
 
 
 # ----------------------------------------------------------------------------------------------- the HTTP API
 
-def create_app(served, batch_loop, args):
+def create_app(models, args):
+    """The HTTP API over `models` (name -> ServedModel; the first is the default)."""
     app = FastAPI(title="TinyMind", docs_url=None, redoc_url=None, openapi_url=None)
 
     # Every error in OpenAI's shape: ours, unknown paths / wrong methods (starlette's), and anything else.
@@ -291,36 +318,37 @@ def create_app(served, batch_loop, args):
 
     @app.get("/health")
     async def health():
-        engine = batch_loop.engine
-        return {"status": "ok" if batch_loop.is_alive() else "batch loop stopped", "model": served.name,
-                "running": batch_loop.running(), "queued": batch_loop.queued(),
-                "max_batch_size": len(engine.slots), "completed": batch_loop.completed,
-                "cancelled": batch_loop.cancelled}
+        """Rows running and queued, requests completed and cancelled: per model, and summed over them."""
+        per_model = {name: {"running": m.batch_loop.running(), "queued": m.batch_loop.queued(),
+                            "completed": m.batch_loop.completed, "cancelled": m.batch_loop.cancelled,
+                            "max_batch_size": len(m.batch_loop.engine.slots)} for name, m in models.items()}
+        alive = all(m.batch_loop.is_alive() for m in models.values())
+        totals = {key: sum(m[key] for m in per_model.values()) for key in ("running", "queued", "completed", "cancelled")}
+        body = {"status": "ok" if alive else "a batch loop stopped", **totals, "models": per_model}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
-    def model_card():
-        return {"id": served.name, "object": "model", "created": int(os.path.getmtime(served.path)),
-                "owned_by": "tinymind", "context_length": args.context, "stage": served.ckpt.get("stage")}
+    def model_card(served):
+        return {"id": served.name, "object": "model", "created": int(os.path.getmtime(served.chat.path)),
+                "owned_by": "tinymind", "context_length": served.context, "stage": served.chat.ckpt.get("stage")}
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
+    async def list_models():
+        return {"object": "list", "data": [model_card(m) for m in models.values()]}
 
     @app.get("/v1/models/{model_id}")
     async def one_model(model_id: str):
-        if model_id != served.name:
-            raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
-        return model_card()
+        return model_card(find_model(models, model_id))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
         try:
             body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]]
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        ids, settings, stream, include_usage = read_completion_request(body, served, args)
+        served, ids, settings, stream, include_usage = read_completion_request(body, models, args)
         job = Job(Request(ids, **settings), asyncio.get_running_loop())
         try:
-            batch_loop.submit(job)
+            served.batch_loop.submit(job)
         except queue.Full:
             error = APIError(503, f"the server is busy ({args.max_queue} requests already wait); retry later",
                              error_type="server_error", code="overloaded")
@@ -413,24 +441,39 @@ class CancelOnExit(StreamingResponse):
             self.job.cancel()
 
 
+def load_models(args):
+    """name -> ServedModel: the checkpoint the model flags name first, then --extra_checkpoints (no LoRA)."""
+    loaded = [load_chat_model(args)]
+    for path in args.extra_checkpoints:
+        loaded.append(load_chat_model(argparse.Namespace(**{**vars(args), "checkpoint": path, "lora_name": None})))
+    models = {}
+    for chat in loaded:
+        if chat.name in models:
+            raise UserError(f"two checkpoints named {chat.name} ({models[chat.name].chat.path}, {chat.path}): the "
+                            "model id is the file name, so serve files with different names")
+        context = args.max_seq_len or chat.model.cfg.max_seq_len
+        engine = Engine(chat.model, chat.tokenizer, args.max_batch_size, context)
+        models[chat.name] = ServedModel(chat, BatchLoop(engine, args.max_queue), context)
+        note = f" + LoRA adapters {chat.lora_path}" if chat.lora else ""
+        print(f"{chat.path}{note}: serving '{chat.name}' ({'chat' if chat.chat else 'text continuation'}) on "
+              f"{chat.device}, context {context} tokens, {args.max_batch_size} rows per batch", file=sys.stderr)
+    return models
+
+
 def main():
     args = parse_args()
-    served = load_chat_model(args)
-    args.context = args.max_seq_len or served.model.cfg.max_seq_len
-    if args.lora_name:
-        print(f"+ LoRA adapters {served.lora_path}", file=sys.stderr)
-    batch_loop = BatchLoop(Engine(served.model, served.tokenizer, args.max_batch_size, args.context), args.max_queue)
-    batch_loop.start()
-    print(f"{served.path}: serving '{served.name}' ({'chat' if served.chat else 'text continuation'}) on "
-          f"{served.device}, context {args.context} tokens, {args.max_batch_size} rows per batch; "
-          f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    models = load_models(args)
+    for served in models.values():
+        served.batch_loop.start()
+    print(f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(served, batch_loop, args), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(models, args), host=args.host, port=args.port, log_level="warning")
     except SystemExit as e:  # uvicorn exits 1 when it cannot bind (port in use): say so in one line
         if e.code:
             raise UserError(f"could not serve on {args.host}:{args.port} (in use? pick another --port)") from None
     finally:
-        batch_loop.stopping.set()
+        for served in models.values():
+            served.batch_loop.stopping.set()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,26 @@ def test_greedy_batched_equals_one_at_a_time(model, max_batch_size):
     assert len({tuple(t) for t in got}) == len(ps)  # different prompts, different answers: the test can fail
 
 
+def test_rows_of_different_lengths_leave_and_join_mid_run(model):
+    """3 rows at a time, answers of 7..28 tokens: every few steps a row leaves and a waiting one is prefilled
+    next to rows that are decoding, at other positions."""
+    ps = prompts()
+    lengths = [7 + 3 * i for i in range(len(ps))][::-1]
+    expected = [alone(model, p, max_new_tokens=n, temperature=0, eos_id=-1) for p, n in zip(ps, lengths)]
+    engine = Engine(model, max_batch_size=3, max_len=100)
+    requests = [Request(p, max_new_tokens=n, temperature=0, eos_id=-1) for p, n in zip(ps, lengths)]
+    for r in requests:
+        engine.add(r)
+    mixed_steps = 0  # steps where a prefill and a decode ran together
+    while engine.has_work():
+        before = [len(r.tokens) for r in requests]
+        engine.step()
+        grew = [len(r.tokens) - b for r, b in zip(requests, before)]
+        mixed_steps += any(g and b == 0 for g, b in zip(grew, before)) and any(g and b > 0 for g, b in zip(grew, before))
+    assert [r.tokens for r in requests] == expected
+    assert mixed_steps >= 3
+
+
 def test_rows_leave_at_eos_or_max_tokens_without_disturbing_the_others(model):
     ps = prompts()
     full = [alone(model, p, max_new_tokens=30, temperature=0, eos_id=-1) for p in ps]
@@ -169,3 +189,13 @@ def test_per_row_positions_forward_equals_one_row_forward(model):
             torch.testing.assert_close(batched[row, :len(p)], model(torch.tensor([p]))[0])
     with pytest.raises(ValueError, match="go together"):
         model(ids, positions=positions)
+
+
+def test_repetition_penalty_lowers_seen_tokens_whatever_their_sign():
+    """CTRL (arXiv:1909.05858): a seen token's positive logit is divided, a negative one multiplied, so both
+    become less likely (dividing a negative logit, as MiniMind2 does, would make it MORE likely). The engine
+    samples with model/generate.py's sample_next, checked here on both signs."""
+    from model.generate import sample_next
+    assert sample_next(torch.tensor([-1.0, -1.5]), [0], temperature=0, repetition_penalty=2.0) == 1  # -2 < -1.5
+    assert sample_next(torch.tensor([-1.0, -1.5]), [0], temperature=0, repetition_penalty=1.0) == 0
+    assert sample_next(torch.tensor([3.0, 2.0]), [0], temperature=0, repetition_penalty=2.0) == 1    # 1.5 < 2

@@ -3,7 +3,6 @@ concurrent clients, a client that leaves mid-answer, a full queue, and every kin
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,20 +28,26 @@ PROMPTS = ["你好", "What is your name?", "「学习」是什么意思？", 'Wh
            "「床前明月光」的下一句是什么？", 'How do you say "book" in Chinese?', "Define the word \"happy\"."]
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    """A tiny model with random weights drawn wider than the training init (std 0.1, not 0.02), saved as the
-    SFT model. Its greedy answers are nonsense, but a different one for every prompt and a different token
-    at almost every step, so any mix-up between rows of the batch shows (a trained tiny model answers every
-    prompt with the same repeated character). It rarely samples </s>: answers run to max_tokens."""
-    torch.manual_seed(0)
+def random_model(seed):
+    """A tiny model with random weights drawn wider than the training init (std 0.1, not 0.02). Its greedy
+    answers are nonsense, but a different one for every prompt and a different token at almost every step,
+    so any mix-up between rows of the batch shows (a trained tiny model answers every prompt with the same
+    repeated character). It rarely samples </s>: answers run to max_tokens."""
+    torch.manual_seed(seed)
     model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    """The model served by default (full_sft_64.pth) and a second one (rlhf_64.pth, --extra_checkpoints)."""
     out = tmp_path_factory.mktemp("serve")
-    atomic_save(model_payload(model, "full_sft", 0), str(out / "full_sft_64.pth"))
+    atomic_save(model_payload(random_model(0), "full_sft", 0), str(out / "full_sft_64.pth"))
+    atomic_save(model_payload(random_model(1), "rlhf", 0), str(out / "rlhf_64.pth"))
     return out
 
 
@@ -92,7 +97,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(out_dir):
     srv = Server("--out_dir", out_dir, "--max_batch_size", MAX_BATCH, "--max_queue", MAX_QUEUE,
-                 "--max_seq_len", CONTEXT)
+                 "--max_seq_len", CONTEXT, "--extra_checkpoints", out_dir / "rlhf_64.pth")
     yield srv
     output = srv.output()
     assert srv.stop(), f"the server died:\n{output}"
@@ -108,25 +113,26 @@ def client(server):
 def reference(out_dir):
     """Answers computed here, one at a time, with model/generate.py and the chat template: what the server
     must give (an independent path: no engine, no HTTP)."""
-    model, _, _ = load_model(str(out_dir / "full_sft_64.pth"))
-    model.eval()
+    models = {name: load_model(str(out_dir / f"{name}.pth"))[0].eval() for name in ("full_sft_64", "rlhf_64")}
     tokenizer = Tokenizer(DEFAULT_TOKENIZER)
 
-    def answer(prompt, max_tokens, seed=None, **sampling):
+    def answer(prompt, max_tokens, seed=None, model="full_sft_64", **sampling):
         """prompt: the user's message, or a whole conversation (a list of messages)."""
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True, system_prompt=DEFAULT_SYSTEM_PROMPT)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        tokens = list(generate(model, ids, max_tokens, generator=generator, **sampling))
+        tokens = list(generate(models[model], ids, max_tokens, generator=generator, **sampling))
         finish = "stop" if tokens[-1] == EOS_ID else "length"
         return tokenizer.decode([t for t in tokens if t != EOS_ID]), finish, len(ids), len(tokens)
     return answer
 
 
-def test_models_health_and_page(server, client):
-    assert [m.id for m in client.models.list().data] == ["full_sft_64"]
+def test_models_health_and_page(server, client, reference):
+    assert [m.id for m in client.models.list().data] == ["full_sft_64", "rlhf_64"]
+    assert client.models.retrieve("rlhf_64").id == "rlhf_64"
     health = server.health()
-    assert health["status"] == "ok" and health["max_batch_size"] == MAX_BATCH and health["running"] == 0
+    assert health["status"] == "ok" and health["running"] == 0
+    assert health["models"]["rlhf_64"]["max_batch_size"] == MAX_BATCH
     page = httpx.get(server.url + "/", timeout=5)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in page.text and "textContent" in page.text
@@ -149,6 +155,15 @@ def test_openai_client_answer_equals_eval_model(out_dir, client, reference):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == choice.message.content + "\n"
+
+
+def test_a_request_picks_its_model(client, reference):
+    prompt = PROMPTS[6]
+    answers = {model: client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                     max_tokens=30, temperature=0).choices[0].message.content
+               for model in ("rlhf_64", "full_sft_64")}
+    assert answers == {model: reference(prompt, 30, temperature=0, model=model)[0] for model in answers}
+    assert answers["rlhf_64"] != answers["full_sft_64"]
 
 
 def test_streaming_chunks_usage_and_stop_string(client, reference):
@@ -323,6 +338,9 @@ BAD_REQUESTS = [  # (what, raw body, status, error param)
     ("stop a number", {"messages": user(), "stop": 5}, 400, "stop"),
     ("stop list with a number", {"messages": user(), "stop": ["a", 1]}, 400, "stop"),
     ("seed a string", {"messages": user(), "seed": "x"}, 400, "seed"),
+    ("seed past 64 bits", {"messages": user(), "seed": 2**64}, 400, "seed"),
+    ("JSON nested too deep", b"[" * 100000 + b"]" * 100000, 400, None),
+    ("NaN temperature", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature"),
     ("stream a string", {"messages": user(), "stream": "yes"}, 400, "stream"),
     ("n 2", {"messages": user(), "n": 2}, 400, "n"),
     ("model a number", {"messages": user(), "model": 7}, 400, "model"),
@@ -361,14 +379,14 @@ def test_port_in_use_is_one_line(out_dir, server):
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                     reason="no Debian chromium + chromium-driver (apt-get install chromium chromium-driver)")
 def test_chat_page_in_a_real_browser(server, reference, tmp_path):
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
     driver = open_browser()
     wait = WebDriverWait(driver, 60)
     script = driver.execute_script
     try:
         driver.get(server.url + "/")
         wait.until(lambda d: script("return [...document.querySelectorAll('#model option')].map(o => o.value)")
-                   == ["full_sft_64"])
+                   == ["full_sft_64", "rlhf_64"])
         set_field(driver, "temperature", 0)
         set_field(driver, "max_tokens", 300)
         first_question = "<b>bold?</b> " + PROMPTS[3]
@@ -401,7 +419,8 @@ def test_chat_page_in_a_real_browser(server, reference, tmp_path):
         driver.find_element("id", "new_chat").click()
         assert script("return document.querySelectorAll('#messages .msg').length") == 0
         set_field(driver, "max_tokens", 100)
-        third, _ = ask(driver, PROMPTS[2])  # a new conversation: no history sent
-        assert third == reference(PROMPTS[2], 100, temperature=0)[0]
+        Select(driver.find_element("id", "model")).select_by_value("rlhf_64")  # the model picker
+        third, _ = ask(driver, PROMPTS[2])  # a new conversation (no history sent), with the other model
+        assert third == reference(PROMPTS[2], 100, temperature=0, model="rlhf_64")[0]
     finally:
         driver.quit()
