@@ -18,39 +18,20 @@ sampling but raw logits for the log-probs; pass --num_generations 6 --beta 0.1 -
 --epsilon_high 5 for the first four. --batch_size counts PROMPTS per process (each gives G rows).
 Writes {out_dir}/grpo_{dim}.pth (chat with it: python eval_model.py --checkpoint out/grpo_512.pth).
 """
-import os
-
 import torch
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.prompts import PromptDataset
-from model.tokenizer import DEFAULT_TOKENIZER, EOS_ID, Tokenizer
+from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.args import base_parser, model_flags
-from trainer.checkpoint import find_stage_checkpoint, load_model, load_reward_model, stage_path
-from trainer.cli import UserError, non_negative_float, positive_float, positive_int, run_main
+from trainer.checkpoint import find_stage_checkpoint, load_model
+from trainer.cli import non_negative_float, positive_float, positive_int, run_main
 from trainer.losses import (GRPO_LOSS_TYPES, SCALE_REWARDS, completion_length_metrics, grpo_aggregate,
                             grpo_clip_metrics, grpo_reward_metrics, grpo_token_losses, group_advantages,
                             masked_mean)
-from trainer.rewards import active_rules, add_reward_flags
-from trainer.rl import (RLStage, completion_logps, frozen_copy, pack_rollout, reward_model_scores, rollout_seed,
-                        run_rl, sample_completions)
+from trainer.rewards import add_reward_flags, score_completions, setup_rewards
+from trainer.rl import RLStage, completion_logps, frozen_copy, pack_rollout, rollout_seed, run_rl, sample_completions
 from trainer.setup import describe_model, finish, seed_rank, start
-
-
-def score(batch, tokenizer, reward_model, rules, autocast):
-    """(N, K) raw rewards, one column per reward function, and their names. R = the sum of the columns
-    (TRL's reward_weights all 1)."""
-    columns, names = [], []
-    if reward_model is not None:
-        columns.append(reward_model_scores(reward_model, batch, autocast))
-        names.append("reward_model")
-    texts, lengths = [], batch["completion_lengths"].tolist()
-    for row, n in zip(batch["completions"].tolist(), lengths):
-        texts.append(tokenizer.decode([t for t in row[:n] if t != EOS_ID]))
-    for name, rule in rules:
-        columns.append(torch.tensor([rule(text, n) for text, n in zip(texts, lengths)], device=batch["input_ids"].device))
-        names.append(name)
-    return torch.stack(columns, dim=1).float(), names
 
 
 def make_grpo(policy, reference, reward_model, rules, tokenizer, args, dist, precision):
@@ -63,11 +44,12 @@ def make_grpo(policy, reference, reward_model, rules, tokenizer, args, dist, pre
     @torch.no_grad()
     def make_experience(prompts, iteration):
         rows = [p for p in prompts for _ in range(G)]          # G consecutive rows per prompt
-        seeds = [rollout_seed(args.seed, iteration, dist.rank, i) for i in range(len(rows))]
+        # row i of this process is row rank * len(rows) + i of the global batch
+        seeds = [rollout_seed(args.seed, iteration, dist.rank * len(rows) + i) for i in range(len(rows))]
         completions = sample_completions(policy, rows, args.max_completion_length, args.temperature, seeds,
                                          args.max_seq_len)
         batch = pack_rollout(rows, completions, dist.device)
-        per_func, names = score(batch, tokenizer, reward_model, rules, precision.autocast)
+        per_func, names = score_completions(batch, tokenizer, reward_model, rules, precision.autocast)
         rewards = per_func.sum(1)
         advantages, _, _, is_std_zero = group_advantages(rewards, G, args.scale_rewards)
         batch["advantages"] = advantages
@@ -109,9 +91,6 @@ def main():
     parser.add_argument("--init_from", default=None,
                         help="the SFT model to start from (default: {out_dir}/full_sft_{dim}.pth for --dim, "
                              "else the only full_sft_*.pth in --out_dir)")
-    parser.add_argument("--reward_model", default=None,
-                        help="reward model checkpoint (train_reward.py); default: {out_dir}/reward_{dim}.pth "
-                             "if it exists; 'none': rule rewards only")
     add_reward_flags(parser)
     g = parser.add_argument_group("GRPO (TRL's names and defaults)")
     g.add_argument("--num_generations", type=positive_int, default=8, help="G: answers per prompt (at least 2)")
@@ -153,20 +132,7 @@ def main():
     policy.to(dist.device)
     reference = frozen_copy(policy) if args.beta else None
 
-    rm_path = args.reward_model
-    if rm_path is None and os.path.isfile(stage_path(args.out_dir, "reward", cfg.dim)):
-        rm_path = stage_path(args.out_dir, "reward", cfg.dim)
-    reward_model = None
-    if rm_path and rm_path != "none":
-        reward_model = load_reward_model(rm_path, {**model_flags(args), "dropout": 0.0})[0]
-        reward_model.eval().requires_grad_(False).to(dist.device)
-        dist.print(f"reward model: {rm_path}")
-    rules = active_rules(args)
-    if reward_model is None and not rules:
-        raise UserError("no reward: pass --reward_model PATH (train_reward.py writes out/reward_{dim}.pth) and/or a "
-                        "rule such as --reward_contains TEXT (trainer/rewards.py)")
-    dist.print("rewards: " + ", ".join((["reward_model"] if reward_model is not None else [])
-                                       + [name for name, _ in rules]))
+    reward_model, rm_path, rules = setup_rewards(args, cfg.dim, dist)
     seed_rank(args, dist)
 
     prompts = PromptDataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None,

@@ -41,6 +41,10 @@ class RewardModel(nn.Module):
         """The body's transformer blocks (FSDP shards the model block by block: trainer/fsdp.py)."""
         return self.body.layers
 
+    def set_grad_checkpointing(self, enabled):
+        """Recompute the body's blocks in the backward pass (the shared loop's --grad_checkpointing)."""
+        self.body.set_grad_checkpointing(enabled)
+
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
 

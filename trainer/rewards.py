@@ -9,9 +9,14 @@ To add one: write `def my_rule(value, text, n_tokens) -> float` and add a RuleRe
 MiniMind's GRPO/PPO use rules like these (answer length, <think> format, a repetition penalty) on top of an
 external reward model; TRL calls them reward functions and logs each one as rewards/<name>/mean and /std.
 """
+import os
 from dataclasses import dataclass
 
-from trainer.cli import positive_int
+import torch
+
+from model.tokenizer import EOS_ID
+from trainer.checkpoint import load_reward_model, stage_path
+from trainer.cli import UserError, positive_int
 
 
 def contains(value, text, n_tokens):
@@ -37,7 +42,11 @@ RULE_REWARDS = {
 
 
 def add_reward_flags(parser):
-    g = parser.add_argument_group("rule rewards (trainer/rewards.py; each flag switches its rule on)")
+    """--reward_model and the rule flags: the rewards of train_ppo.py and train_grpo.py."""
+    g = parser.add_argument_group("rewards: a reward model and/or rules (trainer/rewards.py), summed")
+    g.add_argument("--reward_model", default=None,
+                   help="reward model checkpoint (train_reward.py); default: {out_dir}/reward_{dim}.pth if it "
+                        "exists; 'none': rule rewards only")
     for rule in RULE_REWARDS.values():
         g.add_argument(rule.flag, type=rule.type, default=None, help=rule.help)
 
@@ -50,3 +59,40 @@ def active_rules(args):
         if value is not None:
             out.append((name, lambda text, n, f=rule.function, v=value: f(v, text, n)))
     return out
+
+
+def setup_rewards(args, dim, dist):
+    """(reward model or None, its path, active rules) from the flags; at least one reward must be on. The
+    reward model may have another size than the policy; it only has to read prompt + answer (--max_seq_len)."""
+    path = args.reward_model
+    if path is None and os.path.isfile(stage_path(args.out_dir, "reward", dim)):
+        path = stage_path(args.out_dir, "reward", dim)
+    reward_model = None
+    if path and path != "none":
+        reward_model = load_reward_model(path, {"max_seq_len": args.max_seq_len, "dropout": 0.0})[0]
+        reward_model.eval().requires_grad_(False).to(dist.device)   # frozen: scores only
+    rules = active_rules(args)
+    if reward_model is None and not rules:
+        raise UserError("no reward: pass --reward_model PATH (train_reward.py writes {out_dir}/reward_{dim}.pth) "
+                        "and/or a rule such as --reward_contains TEXT (trainer/rewards.py)")
+    dist.print("rewards: " + ", ".join(([f"reward model {path}"] if reward_model is not None else [])
+                                       + [name for name, _ in rules]))
+    return reward_model, (path if reward_model is not None else None), rules
+
+
+def score_completions(batch, tokenizer, reward_model, rules, autocast):
+    """(N, K) raw rewards of a rollout batch (trainer/rl.py pack_rollout), one column per reward function, and
+    their names. The total reward is the sum of the columns (TRL's reward_weights, all 1)."""
+    from trainer.rl import reward_model_scores
+    columns, names = [], []
+    if reward_model is not None:
+        columns.append(reward_model_scores(reward_model, batch, autocast))
+        names.append("reward_model")
+    lengths = batch["completion_lengths"].tolist()
+    texts = [tokenizer.decode([t for t in row[:n] if t != EOS_ID])
+             for row, n in zip(batch["completions"].tolist(), lengths)]
+    device = batch["input_ids"].device
+    for name, rule in rules:
+        columns.append(torch.tensor([rule(text, n) for text, n in zip(texts, lengths)], device=device))
+        names.append(name)
+    return torch.stack(columns, dim=1).float(), names

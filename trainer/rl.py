@@ -42,10 +42,11 @@ from trainer.schedule import lr_at
 # Rollouts
 # ---------------------------------------------------------------------------------------------------------
 
-def rollout_seed(seed, iteration, rank, row=None):
-    """The sampling seed of one completion: fixed by (run seed, iteration, process, row), so a resumed run
-    samples what the uninterrupted run would have. row=None: the seed of the iteration's mini-batch shuffle."""
-    keys = [seed % 2 ** 32, iteration, rank] + ([0] if row is None else [1, row])
+def rollout_seed(seed, iteration, row=None):
+    """The sampling seed of one completion: fixed by (run seed, iteration, row of the GLOBAL batch), so a
+    resumed run samples what the uninterrupted run would have, and N processes sample what one process with
+    N times the batch would. row=None: the seed of the iteration's mini-batch shuffle."""
+    keys = [seed % 2 ** 32, iteration] + ([0] if row is None else [1, row])
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
@@ -63,8 +64,10 @@ def sample_completions(model, prompts, max_new_tokens, temperature, seeds, max_l
     return [r.tokens for r in requests]
 
 
-def pack_rollout(prompts, completions, device):
-    """Prompts and their completions as the tensors the stages need (see the module note):
+def pack_rollout(prompts, completions, device, width=None):
+    """Prompts and their completions as the tensors the stages need (see the module note). width: T, the
+    columns of the per-token tensors (default: the longest completion; PPO passes its fixed response_length,
+    as TRL's responses always have, so a finished answer always has the extra value-mask column after it):
       input_ids (N, L)        prompt + completion, right-padded with PAD_ID (causal attention: the padding
                               after a row's tokens never changes what its real positions compute)
       completions (N, T)      the completion tokens, PAD_ID after each one's end
@@ -75,7 +78,7 @@ def pack_rollout(prompts, completions, device):
     n = len(prompts)
     prompt_lengths = torch.tensor([len(p) for p in prompts])
     completion_lengths = torch.tensor([len(c) for c in completions])
-    L, T = int((prompt_lengths + completion_lengths).max()), int(completion_lengths.max())
+    L, T = int((prompt_lengths + completion_lengths).max()), width or int(completion_lengths.max())
     input_ids = torch.full((n, L), PAD_ID, dtype=torch.long)
     tokens = torch.full((n, T), PAD_ID, dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions)):
@@ -254,7 +257,7 @@ def run_rl(stage: RLStage, args, dist, precision):
             t_rollout = time.time() - t0
             n_rows = len(experience["input_ids"])
             trained.train()
-            shuffle = torch.Generator().manual_seed(rollout_seed(args.seed, step, dist.rank))
+            shuffle = torch.Generator().manual_seed(rollout_seed(args.seed, step) + dist.rank)
             update_sums, n_updates, losses = {}, 0, []
             for _ in range(stage.num_epochs):
                 for mb in minibatches(experience, n_rows, stage.num_minibatches, shuffle):
