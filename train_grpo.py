@@ -84,7 +84,7 @@ def make_grpo(policy, reference, reward_model, rules, tokenizer, args, dist, pre
     return make_experience, update_loss
 
 
-def main():
+def make_parser():
     parser = base_parser(__doc__, stage="grpo", lr=1e-6, epochs=1, batch_size=2, max_seq_len=512,
                          data_path="dataset/demo/prompts_identity.jsonl", save_interval=100)
     parser.set_defaults(log_interval=1)
@@ -114,6 +114,11 @@ def main():
                    help="optimizer steps (shuffled mini-batches) per rollout pass")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for prompts that have none ('' for none)")
+    return parser
+
+
+def main():
+    parser = make_parser()
     args = parser.parse_args()
     if args.num_generations < 2:
         parser.error("--num_generations must be at least 2: the advantage compares answers to the same prompt")

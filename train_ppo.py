@@ -89,7 +89,7 @@ def make_ppo(actor, critic, reference, reward_model, rules, tokenizer, args, dis
     return make_experience, update_loss
 
 
-def main():
+def make_parser():
     parser = base_parser(__doc__, stage="ppo", lr=3e-6, epochs=1, batch_size=8, max_seq_len=512,
                          data_path="dataset/demo/prompts_identity.jsonl", save_interval=100)
     parser.set_defaults(log_interval=1, grad_clip=0.0)   # TRL's PPO loop clips no gradients
@@ -115,6 +115,11 @@ def main():
     g.add_argument("--num_mini_batches", type=positive_int, default=1, help="updates per pass")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for prompts that have none ('' for none)")
+    return parser
+
+
+def main():
+    parser = make_parser()
     args = parser.parse_args()
     if args.whiten_rewards and args.batch_size < 8:
         parser.error("--whiten_rewards needs at least 8 answers per process (--batch_size 8): the variance of "
