@@ -194,3 +194,23 @@ def test_bad_prompt_file_and_missing_reward_are_one_line_exit_2(tmp_path, tiny_s
     proc = run_script("train_grpo.py", *common, "--reward_model", "none", check=False)
     assert proc.returncode == 2 and "no reward: pass --reward_model PATH" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_sft):
+    """2 processes x 1 prompt == 1 process x 2 prompts: the same answers (seeds follow the global row), the
+    same advantages (a prompt's G rows stay on one process) and the same update (dapo's global token count)."""
+    runs = {}
+    for name, nproc, batch in (("one", 0, "2"), ("two", 2, "1")):
+        out = tmp_path / name
+        os.makedirs(out)
+        os.link(tiny_sft / "full_sft_64.pth", out / "full_sft_64.pth")
+        run_script("train_grpo.py", "--out_dir", out, "--reward_contains", ";", "--reward_model", "none",
+                   "--max_steps", "3", "--batch_size", batch, "--num_generations", "4", "--max_completion_length",
+                   "16", "--max_seq_len", "128", "--learning_rate", "3e-3", "--no_progress", "--device", "cpu",
+                   nproc=nproc)
+        runs[name] = read_log(out / "grpo_64_log.jsonl"), load_model(str(out / "grpo_64.pth"))[0]
+    (log1, model1), (log2, model2) = runs["one"], runs["two"]
+    for key in ("loss", "reward", "completions/mean_length"):
+        np.testing.assert_allclose([r[key] for r in log2], [r[key] for r in log1], rtol=1e-4, atol=1e-6)
+    for (k, a), b in zip(model1.state_dict().items(), model2.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=k)
