@@ -112,6 +112,8 @@ def make_parser():
                    help="mu: passes of updates over each rollout (1: ratio = 1 exactly)")
     g.add_argument("--steps_per_generation", type=positive_int, default=1,
                    help="optimizer steps (shuffled mini-batches) per rollout pass")
+    parser.add_argument("--eval_max_new_tokens", type=positive_int, default=64,
+                        help="answer length for the --eval_path prompts (held-out reward before and after)")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for prompts that have none ('' for none)")
     return parser
@@ -144,6 +146,10 @@ def main():
                             args.skip_bad_lines)
     dist.print(f"data: {len(prompts)} prompts" + (f"; skipped {prompts.bad_lines} bad lines (first: "
                                                   f"{prompts.first_bad})" if prompts.bad_lines else ""))
+    eval_prompts = None
+    if args.eval_path:   # held-out prompts: the reward of the greedy answers before and after training
+        eval_prompts = PromptDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
+                                     flag="--eval_path")
     make_experience, update_loss = make_grpo(policy, reference, reward_model, rules, tokenizer, args, dist,
                                              precision)
     extra_state = {"grpo": {"init_from": init_from, "reward_model": rm_path, "rules": [n for n, _ in rules],
@@ -151,7 +157,9 @@ def main():
     stage = RLStage(name=args.save_name, prompts=prompts, trained=policy, make_experience=make_experience,
                     update_loss=update_loss, num_epochs=args.num_iterations,
                     num_minibatches=args.steps_per_generation, outputs={args.save_name: policy},
-                    extra_state=extra_state, shown_metrics=("reward", "reward_std"))
+                    extra_state=extra_state, shown_metrics=("reward", "reward_std"), eval_prompts=eval_prompts,
+                    policy=policy, score=lambda b: score_completions(b, tokenizer, reward_model, rules,
+                                                                     precision.autocast)[0].sum(1))
     run_rl(stage, args, dist, precision)
     finish()
 

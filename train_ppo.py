@@ -113,6 +113,8 @@ def make_parser():
     g.add_argument("--lam", type=non_negative_float, default=0.95, help="GAE lambda")
     g.add_argument("--num_ppo_epochs", type=positive_int, default=4, help="passes of updates over each rollout")
     g.add_argument("--num_mini_batches", type=positive_int, default=1, help="updates per pass")
+    parser.add_argument("--eval_max_new_tokens", type=positive_int, default=64,
+                        help="answer length for the --eval_path prompts (held-out reward before and after)")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for prompts that have none ('' for none)")
     return parser
@@ -148,6 +150,10 @@ def main():
                             args.skip_bad_lines)
     dist.print(f"data: {len(prompts)} prompts" + (f"; skipped {prompts.bad_lines} bad lines (first: "
                                                   f"{prompts.first_bad})" if prompts.bad_lines else ""))
+    eval_prompts = None
+    if args.eval_path:   # held-out prompts: the reward of the greedy answers before and after training
+        eval_prompts = PromptDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
+                                     flag="--eval_path")
     actor_critic = torch.nn.ModuleDict({"actor": actor, "critic": critic}).to(dist.device)  # one AdamW for both
     make_experience, update_loss = make_ppo(actor, critic, reference, reward_model, rules, tokenizer, args, dist,
                                             precision)
@@ -156,7 +162,9 @@ def main():
     stage = RLStage(name=args.save_name, prompts=prompts, trained=actor_critic, make_experience=make_experience,
                     update_loss=update_loss, num_epochs=args.num_ppo_epochs, num_minibatches=args.num_mini_batches,
                     outputs={f"{args.save_name}_actor": actor, f"{args.save_name}_critic": critic},
-                    extra_state=extra_state, shown_metrics=("objective/scores", "objective/kl"))
+                    extra_state=extra_state, shown_metrics=("objective/scores", "objective/kl"),
+                    eval_prompts=eval_prompts, policy=actor,
+                    score=lambda b: score_completions(b, tokenizer, reward_model, rules, precision.autocast)[0].sum(1))
     run_rl(stage, args, dist, precision)
     finish()
 

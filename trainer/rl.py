@@ -159,6 +159,11 @@ class RLStage:
     outputs: dict = field(default_factory=dict)
     extra_state: dict = field(default_factory=dict)
     shown_metrics: tuple = ()
+    # --eval_path: held-out prompts, answered greedily by `policy` before and after training; `score`
+    # (rollout batch -> (N,) total reward) gives their mean reward
+    eval_prompts: object = None
+    policy: torch.nn.Module = None
+    score: object = None
 
 
 def minibatches(experience, n_rows, num_minibatches, generator):
@@ -191,12 +196,45 @@ def average_gradients(parameters, dist):
             p.grad.div_(dist.world_size)
 
 
+@torch.no_grad()
+def held_out_reward(stage, args, dist, batch_size=16):
+    """Mean reward and length of the greedy answers (temperature 0: no sampling noise) to the held-out
+    prompts, each process answering its share."""
+    mine = list(range(dist.rank, len(stage.eval_prompts), dist.world_size))
+    totals = torch.zeros(3, dtype=torch.float64, device=dist.device)   # reward sum, length sum, answers
+    for i in range(0, len(mine), batch_size):
+        prompts = [stage.eval_prompts[j] for j in mine[i:i + batch_size]]
+        completions = sample_completions(stage.policy, prompts, args.eval_max_new_tokens, 0.0, [0] * len(prompts),
+                                         args.max_seq_len)
+        batch = pack_rollout(prompts, completions, dist.device)
+        totals += torch.stack([stage.score(batch).double().sum(), batch["completion_lengths"].double().sum(),
+                               torch.tensor(float(len(prompts)), dtype=torch.float64, device=dist.device)])
+    dist.all_reduce_sum(totals)
+    return {"eval_reward": totals[0].item() / totals[2].item(), "eval_mean_length": totals[1].item() / totals[2].item()}
+
+
+def check_rl_flags(args, precision):
+    """The shared flags that the RL loop does not implement: refused, never silently ignored."""
+    for flag in ("fsdp", "compile"):
+        if getattr(args, flag):
+            raise UserError(f"--{flag} is not supported by the RL stages (train_ppo.py, train_grpo.py) yet: drop it")
+    if args.num_workers:
+        raise UserError("--num_workers: the RL stages read no batches in the background (prompts are few and "
+                        "short): drop it")
+    if precision.grad_scaler().is_enabled():
+        raise UserError("--dtype float16 needs loss scaling, which the RL stages do not do: use --dtype bfloat16 "
+                        "or float32")
+
+
 def run_rl(stage: RLStage, args, dist, precision):
     """Train stage.trained for --epochs passes over the prompts (--batch_size prompts per process and
     iteration) or --max_steps iterations. Checkpoints every --save_interval iterations and at the end;
     --resume continues bit for bit. Returns the path of the first output checkpoint."""
+    check_rl_flags(args, precision)
     device = dist.device
     trained = stage.trained.to(device)
+    for module in stage.outputs.values():   # both a Transformer and a RewardModel (the critic) have it
+        module.set_grad_checkpointing(args.grad_checkpointing)
     dim = next(iter(stage.outputs.values())).cfg.dim
     out_paths = {prefix: stage_path(args.out_dir, prefix, dim) for prefix in stage.outputs}
     res_path = resume_path(args.out_dir, stage.name, dim)
@@ -241,6 +279,14 @@ def run_rl(stage: RLStage, args, dist, precision):
     dist.print(f"{stage.name}: {len(stage.prompts)} prompts, {total} iterations of {args.batch_size} prompts x "
                f"{dist.world_size} processes; {stage.num_epochs} epoch(s) x {stage.num_minibatches} mini-batch(es) "
                f"of updates per rollout")
+    def evaluate(phase, at_step):
+        dist.print(f"held-out evaluation: greedy answers to {len(stage.eval_prompts)} prompts ...")
+        results = held_out_reward(stage, args, dist)
+        logger.log({"step": at_step, "phase": phase, **results})
+        dist.print(f"held-out {phase} training: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+
+    if stage.eval_prompts is not None and start == 0:
+        evaluate("before", 0)
     stop = StopRequest()
     progress = TrainingProgress(stage.name, total, start, dist.is_main, args.no_progress, 4, stage.shown_metrics)
     step = start
@@ -279,15 +325,17 @@ def run_rl(stage: RLStage, args, dist, precision):
                         update_sums[k] = update_sums.get(k, 0.0) + float(v)
                     n_updates += 1
             optimizer.zero_grad(set_to_none=True)
-            counters["tokens"] += int(experience["completion_mask"].sum()) * dist.world_size
-            counters["samples"] += n_rows * dist.world_size
+            sizes = torch.tensor([float(experience["completion_mask"].sum()), float(n_rows)], device=device)
+            dist.all_reduce_sum(sizes)                    # completion tokens and answers of all processes
+            counters["tokens"] += int(sizes[0])
+            counters["samples"] += int(sizes[1])
             step_time = time.time() - t0
             record = {"loss": sum(losses) / max(len(losses), 1), **rollout_metrics,
                       **{k: v / max(n_updates, 1) for k, v in update_sums.items()}}
             record = average_over_processes(record, dist)
             record = {"step": step, **{k: round(v, 6) for k, v in record.items()}, "lr": lr,
                       "rollout_time": round(t_rollout, 3), "step_time": round(step_time, 3),
-                      "tokens_per_s": round(int(experience["completion_mask"].sum()) / max(step_time, 1e-9), 1),
+                      "tokens_per_s": round(float(sizes[0]) / max(step_time, 1e-9), 1), "tokens": counters["tokens"],
                       "episode": counters["samples"], "skipped_steps": counters["nonfinite_steps"]}
             if step % args.log_interval == 0 or step + 1 == total:
                 logger.log(record)
@@ -311,6 +359,8 @@ def run_rl(stage: RLStage, args, dist, precision):
     finally:
         stop.restore()
         progress.close()
+    if stage.eval_prompts is not None:
+        evaluate("after", step)
     logger.finish()
     dist.print(f"saved {', '.join(out_paths.values())} ({step} iterations, {counters['samples']:,} completions, "
                f"{counters['tokens']:,} completion tokens, {counters['nonfinite_steps']} skipped updates)")
