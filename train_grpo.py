@@ -87,7 +87,8 @@ def make_grpo(policy, reference, reward_model, rules, tokenizer, args, dist, pre
 def make_parser():
     parser = base_parser(__doc__, stage="grpo", lr=1e-6, epochs=1, batch_size=2, max_seq_len=512,
                          data_path="dataset/demo/prompts_identity.jsonl", save_interval=100)
-    parser.set_defaults(log_interval=1)
+    # TRL trains RL with no weight decay: with it, even an update whose advantages are all 0 moves the weights
+    parser.set_defaults(log_interval=1, weight_decay=0.0)
     parser.add_argument("--init_from", default=None,
                         help="the SFT model to start from (default: {out_dir}/full_sft_{dim}.pth for --dim, "
                              "else the only full_sft_*.pth in --out_dir)")

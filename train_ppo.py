@@ -92,7 +92,8 @@ def make_ppo(actor, critic, reference, reward_model, rules, tokenizer, args, dis
 def make_parser():
     parser = base_parser(__doc__, stage="ppo", lr=3e-6, epochs=1, batch_size=8, max_seq_len=512,
                          data_path="dataset/demo/prompts_identity.jsonl", save_interval=100)
-    parser.set_defaults(log_interval=1, grad_clip=0.0)   # TRL's PPO loop clips no gradients
+    # TRL's PPO loop clips no gradients and, like all of TRL's RL, uses no weight decay
+    parser.set_defaults(log_interval=1, grad_clip=0.0, weight_decay=0.0)
     parser.add_argument("--init_from", default=None,
                         help="the SFT model: the actor and the reference (default: {out_dir}/full_sft_{dim}.pth for "
                              "--dim, else the only full_sft_*.pth in --out_dir)")
