@@ -214,3 +214,12 @@ def test_two_processes_match_one_process(tmp_path, tiny_sft):
         np.testing.assert_allclose([r[key] for r in log2], [r[key] for r in log1], rtol=1e-4, atol=1e-6)
     for (k, a), b in zip(model1.state_dict().items(), model2.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=k)
+
+
+def test_rule_rewards_are_switched_on_by_their_flags():
+    from trainer.rewards import active_rules
+    args = train_grpo.make_parser().parse_args(["--reward_contains", "Deep TinyMind", "--reward_length", "10"])
+    rules = dict(active_rules(args))
+    assert rules["contains"]("I am Deep TinyMind.", 7) == 1.0 and rules["contains"]("I am TinyMind.", 6) == 0.0
+    assert rules["length"]("", 10) == 0.0 and rules["length"]("", 15) == -0.5 and rules["length"]("", 0) == -1.0
+    assert active_rules(train_grpo.make_parser().parse_args([])) == []

@@ -17,6 +17,7 @@ tokens, ending with </s> unless it hit the length limit), right-padded. Per-toke
 completion tokens only, T = the longest completion: column t is y_t, and everything computed for it (its
 log-prob, the critic's value V(s_t)) comes from the position that PREDICTS it, P_i - 1 + t.
 """
+import copy
 import math
 import os
 import sys
@@ -131,7 +132,6 @@ def reward_model_scores(reward_model, batch, autocast):
 
 def frozen_copy(model):
     """A frozen twin (PPO/GRPO reference): eval mode, no gradients, never in the optimizer."""
-    import copy
     return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
 
