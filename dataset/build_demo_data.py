@@ -505,6 +505,9 @@ def main():
     write_jsonl(os.path.join(args.out, "eval_identity.jsonl"), eval_)
     # The LoRA lab (train_lora.py): the new name taught by supervised fine-tuning, i.e. DPO's chosen answers.
     write_jsonl(os.path.join(args.out, "lora_identity.jsonl"), [{"conversations": pair["chosen"]} for pair in dpo])
+    # The RL lab (train_ppo.py, train_grpo.py): DPO's questions alone, once each; the model writes the answers.
+    questions = list(dict.fromkeys(pair["chosen"][0]["content"] for pair in dpo))
+    write_jsonl(os.path.join(args.out, "prompts_identity.jsonl"), [{"prompt": q} for q in questions])
     for fname in sorted(os.listdir(args.out)):
         path = os.path.join(args.out, fname)
         with open(path, encoding="utf-8") as f:

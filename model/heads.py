@@ -41,6 +41,7 @@ class RewardModel(nn.Module):
         return self.body.layers
 
     def set_grad_checkpointing(self, enabled):
+        """Recompute the body's blocks in the backward pass (the shared loop's --grad_checkpointing)."""
         self.body.set_grad_checkpointing(enabled)
 
     def num_parameters(self):
