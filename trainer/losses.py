@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dataset.packing import model_inputs, per_sequence_sum
+
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
 LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "sigmoid_norm")   # the losses that model label noise
 
@@ -37,22 +39,27 @@ def next_token_loss(logits, targets, loss_mask=None):
 def language_model_loss(model, batch, autocast):
     """The stage loss of pretraining and SFT, in the shape the training loop expects:
     (loss sum, number of supervised tokens, extra metric sums). Pretraining batches carry no loss_mask
-    (every token is a target); SFT batches mask everything but the assistant's answers."""
+    (every token is a target); SFT batches mask everything but the assistant's answers. A packed batch
+    (--pack) carries seq_ids: its attention mask and positions keep the samples apart (dataset/packing.py)."""
     with autocast():
-        logits = model(batch["input_ids"])
+        logits = model(batch["input_ids"], **model_inputs(batch))
     loss_sum, n_tokens = next_token_loss(logits, batch["targets"], batch.get("loss_mask"))
     return loss_sum, n_tokens, {}
 
 
-def sequence_logps(logits, targets, loss_mask):
+def sequence_logps(logits, targets, loss_mask, seq_ids=None, n_sequences=None):
     """log pi(y | x) of each sequence's completion: the SUM over completion tokens of log p(token), in float32.
 
     This is the DPO paper's (and TRL's) definition: a sum, not a length-average. Averaging (MiniMind2's
     choice) shrinks the log-ratio by the answer length, so with beta 0.1 the loss hardly moves off ln 2.
     logits (N, T, V) aligned with targets (N, T) (position t predicts targets[:, t]); loss_mask (N, T) is 1
-    on completion tokens. Returns (N,)."""
+    on completion tokens. Returns (N,).
+    Packed rows (--pack): seq_ids (R, T) say which sequence each token belongs to; the sums are then taken
+    per sequence, (n_sequences,), in seq_id order."""
     logps = torch.log_softmax(logits.float(), dim=-1)
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)      # log p(target_t) at every t
+    if seq_ids is not None:
+        return per_sequence_sum(token_logps * loss_mask, seq_ids, n_sequences)
     return (token_logps * loss_mask).sum(-1)
 
 
