@@ -66,7 +66,8 @@ def main():
     if args.eval_path:  # held-out conversations: their answer loss before and after
         eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
                                flag="--eval_path")
-    stage = Stage(name=args.save_name, dataset=data, collate_fn=partial(collate_sft, pack_to=pack_length(args)), loss_fn=language_model_loss,
+    stage = Stage(name=args.save_name, dataset=data, loss_fn=language_model_loss,
+                  collate_fn=partial(collate_sft, pack_to=pack_length(args)),
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from, tokenizer=tokenizer)
     run_training(model, stage, args, dist, precision)

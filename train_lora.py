@@ -55,7 +55,8 @@ def main():
                                flag="--eval_path")
     # Saved as {out_dir}/lora/{lora_name}_{dim}.pth; "model" holds only the adapters.
     args.out_dir, args.save_name = os.path.join(args.out_dir, "lora"), args.lora_name
-    stage = Stage(name=args.lora_name, dataset=data, collate_fn=partial(collate_sft, pack_to=pack_length(args)), loss_fn=language_model_loss,
+    stage = Stage(name=args.lora_name, dataset=data, loss_fn=language_model_loss,
+                  collate_fn=partial(collate_sft, pack_to=pack_length(args)),
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from,
                   save_weights=adapters_only, load_weights=load_lora,

@@ -94,7 +94,8 @@ def main():
         for batch in timed[pack]:
             step(batch)
         seconds = time.perf_counter() - t
-        return sum(useful_tokens(b) for b in timed[pack]) / seconds, sum(b["input_ids"].numel() for b in timed[pack]) / seconds
+        computed = sum(b["input_ids"].numel() for b in timed[pack])
+        return sum(useful_tokens(b) for b in timed[pack]) / seconds, computed / seconds
 
     results = {False: [], True: []}
     for r in range(args.rounds):
