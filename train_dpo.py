@@ -12,14 +12,16 @@ The loss itself is in trainer/losses.py; this file wires data, policy and refere
 import copy
 import hashlib
 import os
+from functools import partial
 
 import numpy as np
 import torch
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.dpo import DPODataset, collate_pairs
+from dataset.packing import model_inputs, per_sequence_sum
 from model.lora import BaseModel, adapters_only, load_lora, merge_lora
-from trainer.args import add_lora_flags, base_parser, model_flags
+from trainer.args import add_lora_flags, add_pack_flag, base_parser, model_flags, pack_length
 from trainer.checkpoint import (atomic_save, attach_lora, checkpoint_tokenizer, find_stage_checkpoint, load_model,
                                 model_payload, stage_path)
 from trainer.cli import non_negative_float, positive_float, run_main
@@ -30,10 +32,15 @@ from trainer.setup import apply_lora, describe_model, finish, seed_rank, start
 
 
 def completion_logps(model, batch, autocast):
-    """Summed log-probs of each row's completion, and the completion lengths; rows are [chosen..., rejected...]."""
+    """Summed log-probs of each sequence's completion, and the completion lengths, in the order
+    [chosen..., rejected...]. Packed (--pack), the sums are taken per seq_id instead of per row."""
     with autocast():
-        logits = model(batch["input_ids"])
-    return sequence_logps(logits, batch["targets"], batch["loss_mask"]), batch["loss_mask"].sum(-1).float()
+        logits = model(batch["input_ids"], **model_inputs(batch))
+    if "seq_ids" not in batch:
+        return sequence_logps(logits, batch["targets"], batch["loss_mask"]), batch["loss_mask"].sum(-1).float()
+    n_sequences = 2 * batch["index"].numel()   # chosen and rejected of every pair (dummy included)
+    logps = sequence_logps(logits, batch["targets"], batch["loss_mask"], batch["seq_ids"], n_sequences)
+    return logps, per_sequence_sum(batch["loss_mask"].float(), batch["seq_ids"], n_sequences)
 
 
 def make_dpo_step(reference, args):
@@ -130,6 +137,7 @@ def main():
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for conversations that have none ('' for none)")
     add_lora_flags(parser, default_rank=None)
+    add_pack_flag(parser)
     parser.add_argument("--merge_lora", action="store_true",
                         help="with --lora_rank: also write the merged model as {out_dir}/{save_name}_{dim}.pth")
     args = parser.parse_args()
@@ -191,7 +199,7 @@ def main():
     if lora:  # the output is the adapters: {out_dir}/lora/{save_name}_{dim}.pth
         args.out_dir = os.path.join(out_dir, "lora")
         extra_state["lora"] = {**lora, "base": init_from}
-    stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_pairs,
+    stage = Stage(name=args.save_name, dataset=data, collate_fn=partial(collate_pairs, pack_to=pack_length(args)),
                   loss_fn=make_dpo_step(reference, args), terms_per_step=args.batch_size * args.accumulation_steps,
                   eval_dataset=eval_data, init_from=init_from, extra_state=extra_state,
                   save_weights=adapters_only if lora else None, load_weights=load_lora if lora else None,

@@ -10,11 +10,12 @@ assistant's answers (and the </s> ending each), never the system prompt or the u
 Starts from {out_dir}/pretrain_{dim}.pth (or --init_from any stage output); the model config comes from that
 checkpoint. Writes {out_dir}/full_sft_{dim}.pth.
 """
+from functools import partial
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT, show_sample
 from dataset.sft import SFTDataset, collate_sft
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-from trainer.args import base_parser, model_flags
+from trainer.args import add_pack_flag, base_parser, model_flags, pack_length
 from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model, read_checkpoint
 from trainer.cli import UserError, run_main
 from trainer.losses import language_model_loss
@@ -45,6 +46,7 @@ def main():
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for conversations that have none ('' for none)")
     parser.add_argument("--show_sample", action="store_true", help="print one rendered sample and exit")
+    add_pack_flag(parser)
     args = parser.parse_args()
     if args.show_sample:
         show_first_sample(args)
@@ -64,7 +66,8 @@ def main():
     if args.eval_path:  # held-out conversations: their answer loss before and after
         eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
                                flag="--eval_path")
-    stage = Stage(name=args.save_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
+    stage = Stage(name=args.save_name, dataset=data, loss_fn=language_model_loss,
+                  collate_fn=partial(collate_sft, pack_to=pack_length(args)),
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from, tokenizer=tokenizer)
     run_training(model, stage, args, dist, precision)

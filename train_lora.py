@@ -10,11 +10,12 @@ assistant's answers. Writes {out_dir}/lora/{lora_name}_{dim}.pth: the adapters, 
 model's config and the path of the base checkpoint. The base checkpoint file is never modified.
 """
 import os
+from functools import partial
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.sft import SFTDataset, collate_sft
 from model.lora import adapters_only, load_lora
-from trainer.args import add_lora_flags, base_parser, model_flags
+from trainer.args import add_lora_flags, add_pack_flag, base_parser, model_flags, pack_length
 from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model
 from trainer.cli import run_main
 from trainer.losses import language_model_loss
@@ -30,6 +31,7 @@ def main():
     parser.add_argument("--init_from", default=None, help="the base model (default: {out_dir}/full_sft_{dim}.pth "
                         "for --dim, else the only full_sft_*.pth in --out_dir)")
     add_lora_flags(parser, default_rank=16)
+    add_pack_flag(parser)
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system prompt for conversations that have none ('' for none)")
     args = parser.parse_args()
@@ -53,7 +55,8 @@ def main():
                                flag="--eval_path")
     # Saved as {out_dir}/lora/{lora_name}_{dim}.pth; "model" holds only the adapters.
     args.out_dir, args.save_name = os.path.join(args.out_dir, "lora"), args.lora_name
-    stage = Stage(name=args.lora_name, dataset=data, collate_fn=collate_sft, loss_fn=language_model_loss,
+    stage = Stage(name=args.lora_name, dataset=data, loss_fn=language_model_loss,
+                  collate_fn=partial(collate_sft, pack_to=pack_length(args)),
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from,
                   save_weights=adapters_only, load_weights=load_lora,

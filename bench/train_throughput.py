@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig, Transformer  # noqa: E402
 from trainer.loop import make_optimizer  # noqa: E402
-from trainer.losses import next_token_loss  # noqa: E402
+from trainer.losses import chunked_next_token_loss, next_token_loss  # noqa: E402
 from trainer.precision import setup_precision  # noqa: E402
 
 # Dense (no sparsity) peak tensor FLOP/s by GPU name and dtype, from the vendors' data sheets.
@@ -75,6 +75,9 @@ def main():
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--head_loss", choices=("chunked", "plain"), default="chunked",
+                    help="chunked: head + cross-entropy in chunks (trainer/losses.py, what training uses); "
+                         "plain: all the logits, then F.cross_entropy")
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,8 +95,13 @@ def main():
 
     def train_step():
         with precision.autocast():
-            logits = step_model(x[:, :-1])
-        loss, n = next_token_loss(logits, x[:, 1:])
+            if args.head_loss == "chunked":
+                hidden = step_model(x[:, :-1], return_hidden=True)
+                loss, n = chunked_next_token_loss(hidden, model.output.weight, x[:, 1:])
+            else:
+                logits = step_model(x[:, :-1])
+        if args.head_loss == "plain":
+            loss, n = next_token_loss(logits, x[:, 1:])
         scaler.scale(loss / n).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,7 +129,7 @@ def main():
     else:
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
     print(f"model        {n_params / 1e6:.2f}M parameters, dim {cfg.dim}, {cfg.n_layers} layers, seq {T}, batch {B}")
-    print(f"device       {device} | {precision.describe()} | compile {args.compile}")
+    print(f"device       {device} | {precision.describe()} | compile {args.compile} | head loss {args.head_loss}")
     print(f"step         {seconds * 1000:.1f} ms ({args.steps} timed steps after {args.warmup_steps} warm-up)")
     print(f"throughput   {tokens_per_s:,.0f} tokens/s")
     print(f"model FLOP/s {achieved / 1e12:.3f} TFLOP/s ({flops_per_token / 1e6:.1f} MFLOP/token)")

@@ -13,6 +13,7 @@ import torch
 
 from dataset.chat import ChatFormatError, render_chat, validate_messages
 from dataset.jsonl import DataError, JsonlIndex, nothing_usable
+from dataset.packing import pack_rows
 from dataset.sft import pad_batch
 from model.tokenizer import PAD_ID
 
@@ -87,8 +88,11 @@ class DPODataset(torch.utils.data.Dataset):
         return item
 
 
-def collate_pairs(samples):
+def collate_pairs(samples, pack_to=None):
     """One batch of 2B rows: the B chosen sequences, then the B rejected ones (one forward for both).
+    pack_to (--pack, the context length): the 2B sequences are packed into rows of up to that many tokens
+    instead (dataset/packing.py); seq_ids then number them in the same order (chosen 0..B-1, rejected B..2B-1),
+    so the per-sequence log-probs come out as (2B,) exactly as unpacked.
     Pairs whose chosen or rejected completion was truncated away are dropped (counted in n_dropped). If none
     is left, one all-padding dummy pair keeps the forward/backward (and DDP's gradient sync) going with
     n_pairs = 0, so the loss function can zero it."""
@@ -97,9 +101,12 @@ def collate_pairs(samples):
     if not keep:
         dummy = ([PAD_ID, PAD_ID], [0, 0])
         keep = [{"chosen": dummy, "rejected": dummy, "index": -1, "ref_logps": torch.zeros(2)}]
-    input_ids, targets, loss_mask = pad_batch([s["chosen"] for s in keep] + [s["rejected"] for s in keep])
-    batch = {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "n_dropped": n_dropped,
-             "n_pairs": n_pairs, "index": torch.tensor([s["index"] for s in keep])}
+    rows = [s["chosen"] for s in keep] + [s["rejected"] for s in keep]
+    batch = {"n_dropped": n_dropped, "n_pairs": n_pairs, "index": torch.tensor([s["index"] for s in keep])}
+    if pack_to:
+        batch["input_ids"], batch["targets"], batch["loss_mask"], batch["seq_ids"] = pack_rows(rows, pack_to)
+    else:
+        batch["input_ids"], batch["targets"], batch["loss_mask"] = pad_batch(rows)
     if "ref_logps" in samples[0]:
         batch["ref_logps"] = torch.stack([torch.as_tensor(s["ref_logps"]) for s in keep])  # (B, 2)
     return batch

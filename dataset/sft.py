@@ -10,6 +10,7 @@ import torch
 
 from dataset.chat import ChatFormatError, render_chat, validate_messages
 from dataset.jsonl import DataError, JsonlIndex, nothing_usable
+from dataset.packing import pack_rows
 from model.tokenizer import PAD_ID
 
 
@@ -67,11 +68,17 @@ def pad_batch(rows):
     return input_ids, targets, loss_mask
 
 
-def collate_sft(samples):
-    """Drop samples with no supervised target left after truncation (counted in n_dropped)."""
+def collate_sft(samples, pack_to=None):
+    """Drop samples with no supervised target left after truncation (counted in n_dropped).
+    pack_to (--pack, the context length): pack the conversations into rows of up to that many tokens
+    (dataset/packing.py); the batch then also carries their seq_ids."""
     rows = [(s["ids"], s["mask"]) for s in samples if sum(s["mask"][1:]) > 0]
     n_dropped = len(samples) - len(rows)
     if not rows:  # every sample of this micro-batch was truncated away: an empty batch, 0 loss terms
         rows = [([PAD_ID, PAD_ID], [0, 0])]
+    if pack_to:
+        input_ids, targets, loss_mask, seq_ids = pack_rows(rows, pack_to)
+        return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "seq_ids": seq_ids,
+                "n_dropped": n_dropped}
     input_ids, targets, loss_mask = pad_batch(rows)
     return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "n_dropped": n_dropped}

@@ -90,6 +90,19 @@ def add_lora_flags(parser, default_rank):
                    help="comma-separated linear layers of each block that get adapters")
 
 
+def add_pack_flag(parser):
+    """--pack, for the stages whose samples vary in length (SFT, LoRA, DPO): see dataset/packing.py."""
+    parser.add_argument("--pack", action="store_true",
+                        help="pack several samples into each row of up to --max_seq_len tokens (attention and "
+                             "positions kept per sample) instead of padding every sample to the batch's longest: "
+                             "the same loss, less padding computed")
+
+
+def pack_length(args):
+    """The row length samples are packed to (collate_sft/collate_pairs' pack_to), or None without --pack."""
+    return args.max_seq_len if args.pack else None
+
+
 def model_flags(args):
     """The model-config values given on the command line (None = not given)."""
     return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")}
