@@ -139,7 +139,8 @@ def test_two_processes_ddp_and_fsdp_match_one_process(tmp_path, tiny_sft):
         ours = [r[key] for r in one if key in r]
         assert ours, key
         for other in (two, fsdp):
-            np.testing.assert_allclose([r[key] for r in other if key in r], ours, rtol=1e-5, atol=1e-6, err_msg=key)
+            # 1e-5: the log rounds to 6 decimals, and a mean reward near 0 can differ in its last digit
+            np.testing.assert_allclose([r[key] for r in other if key in r], ours, rtol=1e-5, atol=1e-5, err_msg=key)
     # FSDP gathers the shards: the same checkpoint file as DDP writes.
     a, b = (torch.load(tmp_path / name / "reward_64.pth", weights_only=False)["model"] for name in ("two", "fsdp"))
     assert a.keys() == b.keys()
