@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--heldout_limit", type=int, default=200)
     ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
+    args.sft = os.path.abspath(args.sft)   # the table below reads the other models relative to --out_dir
     out = args.out_dir
     os.makedirs(out, exist_ok=True)
     sft_link = os.path.join(out, "full_sft_" + os.path.basename(args.sft).rsplit("_", 1)[-1])
