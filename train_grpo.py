@@ -20,7 +20,6 @@ Writes {out_dir}/grpo_{dim}.pth (chat with it: python eval_model.py --checkpoint
 """
 import torch
 
-from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.prompts import PromptDataset
 from trainer.args import base_parser, model_flags
 from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model
@@ -28,7 +27,7 @@ from trainer.cli import non_negative_float, positive_float, positive_int, run_ma
 from trainer.losses import (GRPO_LOSS_TYPES, SCALE_REWARDS, completion_length_metrics, grpo_aggregate,
                             grpo_clip_metrics, grpo_reward_metrics, grpo_token_losses, group_advantages,
                             masked_mean)
-from trainer.rewards import add_reward_flags, score_completions, setup_rewards
+from trainer.rewards import add_prompt_flags, add_reward_flags, score_completions, setup_rewards
 from trainer.rl import RLStage, completion_logps, frozen_copy, pack_rollout, rollout_seed, run_rl, sample_completions
 from trainer.setup import describe_model, finish, seed_rank, start
 
@@ -112,10 +111,7 @@ def make_parser():
                    help="mu: passes of updates over each rollout (1: ratio = 1 exactly)")
     g.add_argument("--steps_per_generation", type=positive_int, default=1,
                    help="optimizer steps (shuffled mini-batches) per rollout pass")
-    parser.add_argument("--eval_max_new_tokens", type=positive_int, default=64,
-                        help="answer length for the --eval_path prompts (held-out reward before and after)")
-    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
-                        help="system prompt for prompts that have none ('' for none)")
+    add_prompt_flags(parser)
     return parser
 
 

@@ -26,7 +26,6 @@ Writes {out_dir}/{save_name}_actor_{dim}.pth (python eval_model.py --checkpoint 
 """
 import torch
 
-from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.prompts import PromptDataset
 from model.heads import RewardModel
 from model.tokenizer import EOS_ID
@@ -35,7 +34,7 @@ from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load
 from trainer.cli import non_negative_float, positive_float, positive_int, run_main
 from trainer.losses import (INVALID_LOGPROB, KL_ESTIMATORS, completion_length_metrics, ppo_advantages,
                             ppo_policy_loss, ppo_rollout_metrics, ppo_value_loss)
-from trainer.rewards import add_reward_flags, score_completions, setup_rewards
+from trainer.rewards import add_prompt_flags, add_reward_flags, score_completions, setup_rewards
 from trainer.rl import (RLStage, completion_logps, critic_values, frozen_copy, pack_rollout, rollout_seed, run_rl,
                         sample_completions)
 from trainer.setup import describe_model, finish, seed_rank, start
@@ -114,10 +113,7 @@ def make_parser():
     g.add_argument("--lam", type=non_negative_float, default=0.95, help="GAE lambda")
     g.add_argument("--num_ppo_epochs", type=positive_int, default=4, help="passes of updates over each rollout")
     g.add_argument("--num_mini_batches", type=positive_int, default=1, help="updates per pass")
-    parser.add_argument("--eval_max_new_tokens", type=positive_int, default=64,
-                        help="answer length for the --eval_path prompts (held-out reward before and after)")
-    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
-                        help="system prompt for prompts that have none ('' for none)")
+    add_prompt_flags(parser)
     return parser
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from model.tokenizer import EOS_ID
 from trainer.checkpoint import checkpoint_tokenizer, load_reward_model, stage_path
 from trainer.cli import UserError, positive_int
@@ -49,6 +50,14 @@ def add_reward_flags(parser):
                         "exists; 'none': rule rewards only")
     for rule in RULE_REWARDS.values():
         g.add_argument(rule.flag, type=rule.type, default=None, help=rule.help)
+
+
+def add_prompt_flags(parser):
+    """The prompt-side flags of train_ppo.py and train_grpo.py: the system prompt and the held-out answer length."""
+    parser.add_argument("--eval_max_new_tokens", type=positive_int, default=64,
+                        help="answer length for the --eval_path prompts (held-out reward before and after)")
+    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
+                        help="system prompt for prompts that have none ('' for none)")
 
 
 def active_rules(args):
