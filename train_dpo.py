@@ -23,24 +23,33 @@ from dataset.packing import model_inputs, per_sequence_sum
 from model.lora import BaseModel, adapters_only, load_lora, merge_lora
 from trainer.args import add_lora_flags, add_pack_flag, base_parser, model_flags, pack_length
 from trainer.checkpoint import (atomic_save, attach_lora, checkpoint_tokenizer, find_stage_checkpoint, load_model,
-                                model_payload, stage_path)
+                                model_payload, stage_path, unwrap)
 from trainer.cli import non_negative_float, positive_float, run_main
-from trainer.fsdp import shard_model
-from trainer.losses import DPO_LOSS_TYPES, LABEL_SMOOTHING_TYPES, dpo_loss, sequence_logps
+from trainer.fsdp import is_sharded, shard_model
+from trainer.losses import DPO_LOSS_TYPES, LABEL_SMOOTHING_TYPES, chunked_sequence_logps, dpo_loss, sequence_logps
 from trainer.loop import Stage, run_training
 from trainer.setup import apply_lora, describe_model, finish, seed_rank, start
 
 
 def completion_logps(model, batch, autocast):
     """Summed log-probs of each sequence's completion, and the completion lengths, in the order
-    [chosen..., rejected...]. Packed (--pack), the sums are taken per seq_id instead of per row."""
+    [chosen..., rejected...]. Packed (--pack), the sums are taken per seq_id instead of per row.
+    The head runs chunk by chunk (chunked_sequence_logps: the (tokens x vocab) logits never exist whole),
+    except for a model sharded with FSDP, whose head weight exists whole only inside its forward."""
+    packed = "seq_ids" in batch
+    n_sequences = 2 * batch["index"].numel() if packed else None   # chosen and rejected of every pair (dummy included)
+    seq_ids = batch.get("seq_ids")
+    body = model.model if isinstance(model, BaseModel) else unwrap(model)   # the Transformer itself
     with autocast():
-        logits = model(batch["input_ids"], **model_inputs(batch))
-    if "seq_ids" not in batch:
-        return sequence_logps(logits, batch["targets"], batch["loss_mask"]), batch["loss_mask"].sum(-1).float()
-    n_sequences = 2 * batch["index"].numel()   # chosen and rejected of every pair (dummy included)
-    logps = sequence_logps(logits, batch["targets"], batch["loss_mask"], batch["seq_ids"], n_sequences)
-    return logps, per_sequence_sum(batch["loss_mask"].float(), batch["seq_ids"], n_sequences)
+        if is_sharded(body):
+            logits = model(batch["input_ids"], **model_inputs(batch))
+            logps = sequence_logps(logits, batch["targets"], batch["loss_mask"], seq_ids, n_sequences)
+        else:
+            hidden = model(batch["input_ids"], **model_inputs(batch), return_hidden=True)
+            logps = chunked_sequence_logps(hidden, body.output.weight, batch["targets"],
+                                           batch["loss_mask"], seq_ids, n_sequences)
+    lengths = batch["loss_mask"].float()
+    return logps, per_sequence_sum(lengths, seq_ids, n_sequences) if packed else lengths.sum(-1)
 
 
 def make_dpo_step(reference, args):

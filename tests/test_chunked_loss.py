@@ -73,3 +73,34 @@ def test_model_gradients_equal_the_plain_path():
         assert abs(chunked.item() / n - plain.item() / n_plain) < TOL
         for k, p in model.named_parameters():
             assert (p.grad - grads_plain[k]).abs().max() < TOL, k
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [7, 10_000])
+def test_chunked_sequence_logps_equal_the_plain_ones(packed, chunk_tokens):
+    """DPO's per-sequence log-prob sums, chunked (the backward pass recomputes each chunk's logits) against
+    log_softmax over all the logits written out here: values and gradients, with a different weight per
+    sequence as the DPO loss gives them."""
+    from trainer.losses import chunked_sequence_logps
+    torch.manual_seed(1)
+    B, T, dim, vocab = 4, 29, 24, 300
+    hidden = torch.randn(B, T, dim, requires_grad=True)
+    weight = (0.3 * torch.randn(vocab, dim)).requires_grad_()
+    targets = torch.randint(0, vocab, (B, T))
+    mask = (torch.rand(B, T) < 0.7).float()
+    token_logps = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    if packed:   # two sequences per row, the second starting at column 11; the last row's tail is padding (-1)
+        seq_ids = torch.tensor([[2 * r] * 11 + [2 * r + 1] * (T - 11) for r in range(B)])
+        seq_ids[-1, 25:] = -1
+        n = 2 * B
+        plain = torch.stack([(token_logps * mask)[seq_ids == i].sum() for i in range(n)])
+    else:
+        seq_ids, n = None, None
+        plain = (token_logps * mask).sum(-1)
+    chunked = chunked_sequence_logps(hidden, weight, targets, mask, seq_ids, n, chunk_tokens=chunk_tokens)
+    assert (chunked - plain).abs().max() < TOL * plain.abs().max()
+    per_sequence_weight = torch.linspace(-2, 3, len(plain))
+    grads_plain = torch.autograd.grad((plain * per_sequence_weight).sum(), (hidden, weight))
+    grads_chunked = torch.autograd.grad((chunked * per_sequence_weight).sum(), (hidden, weight))
+    for a, b in zip(grads_plain, grads_chunked):
+        assert (a - b).abs().max() < TOL * a.abs().max()
