@@ -30,7 +30,8 @@ def stage_commands(out_dir, a):
              "--n_kv_heads", str(a.n_kv_heads)]
     seq = ["--max_seq_len", str(a.max_seq_len)]
     sft_data = ",".join([f"{DEMO}/sft_*.jsonl"] + [f"{DEMO}/sft_identity.jsonl"] * IDENTITY_REPEAT)
-    # --epochs is only an upper bound here: --max_steps decides how long each stage runs.
+    # --epochs is only an upper bound here: --max_steps decides how long each stage runs. SFT and DPO --pack
+    # their samples into rows (dataset/packing.py): the same loss with 13% padding computed instead of 57%.
     common = ["--out_dir", out_dir, "--epochs", "100", "--log_interval", "10", "--no_progress"]
     return [
         ("pretrain", "train_pretrain.py", [*model, *seq, "--batch_size", "16",
@@ -44,13 +45,13 @@ def stage_commands(out_dir, a):
                                            "--warmup_iters", "10", "--data_path", sft_data,
                                            "--eval_path", ",".join(f"{DEMO}/eval_{s}.jsonl" for s in
                                                                    ("wordnet", "cedict", "poetry", "identity")),
-                                           *common]),
+                                           "--pack", *common]),
         # The identity lab. Plain DPO teaches a model this small to AVOID "TinyMind" (lowering the rejected
         # answer is cheaper than raising the chosen one) rather than to say "Deep TinyMind"; the RPO term
         # (--sft_weight 1: + NLL of the chosen answers) makes it adopt the new name. Measured in the README.
         ("rlhf", "train_dpo.py", ["--dim", str(a.dim), *seq, "--batch_size", "8",
                                   "--max_steps", str(a.dpo_steps), "--learning_rate", "3e-4", "--sft_weight", "1.0",
-                                  "--data_path", f"{DEMO}/dpo_identity.jsonl", *common]),
+                                  "--data_path", f"{DEMO}/dpo_identity.jsonl", "--pack", *common]),
     ]
 
 

@@ -32,21 +32,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim, length, theta, device=None):
-    """cos and sin tables of shape (length, head_dim) for rotary embeddings (https://arxiv.org/abs/2104.09864).
-
-    Rotate-half layout (as in Hugging Face's Llama): dimension i is paired with i + head_dim/2, both rotated by
-    the angle pos * theta^(-2i/head_dim). So the frequencies are laid out [f_0..f_{d/2-1}, f_0..f_{d/2-1}]."""
+    """cos and sin tables of shape (length, head_dim / 2) for rotary embeddings (https://arxiv.org/abs/2104.09864):
+    entry (pos, i) is of the angle pos * theta^(-2i/head_dim), the rotation of pair i at position pos."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+d/2}) of x (B, heads, T, head_dim) by their position's angle."""
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated_half * sin).type_as(x)
+    """Rotate each pair (x_i, x_{i+d/2}) of x (B, heads, T, head_dim) by its position's angle:
+        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    The rotate-half layout of Hugging Face's Llama (dimension i is paired with i + d/2, not with i + 1).
+    Written on the two halves, with half-width tables: 2.4x faster forward + backward on CPU than the usual
+    x * cos + rotate_half(x) * sin, whose rotate_half (a neg and a cat) and full-width tables move twice
+    the data (bench/rope_norm.py)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
 class KVCache:
