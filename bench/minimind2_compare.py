@@ -26,7 +26,10 @@ Useful tokens, counted on each side from its own batches:
   - pretrain and DPO: real tokens predicted (positions whose target is a real token, not padding); DPO counts
     the chosen and the rejected sequences;
   - SFT: supervised tokens (the positions with a loss: the answers and the end-of-turn token after each).
-The padding share is the part of the computed positions whose target is padding.
+The padding share is the part of the computed positions whose target is padding; a second table gives the
+computed positions per second (padding included), the speed per token with padding taken out of the picture.
+On a machine shared with other work, --threads 1 gives steadier figures (2 threads on 2 busy cores stall
+every parallel region).
 
 Each side runs in its own child process (both codebases have top-level packages named model/, dataset/ and
 trainer/, so they cannot share one), started once; the rounds alternate (MiniMind2, TinyMind, MiniMind2, ...)
@@ -382,6 +385,7 @@ def main():
                 for name, side in sides.items():
                     result = side.run(stage)
                     result["tokens_per_s"] = result["useful"] / result["seconds"]
+                    result["computed_per_s"] = result["computed"] / result["seconds"]
                     runs[stage, name].append(result)
                     print(f"{stage:8s} round {r + 1}/{args.rounds}  {name:9s} {result['tokens_per_s']:>10,.0f} "
                           f"useful tokens/s ({result['seconds']:.2f} s for {args.steps} steps)", flush=True)
@@ -417,6 +421,11 @@ def main():
         print(f"| {stage} | {max_len} | {batch_size}{' pairs' if stage == 'dpo' else ''} | {USEFUL[stage]} "
               f"| {mm:,.0f} | {tm:,.0f} | {tm / mm:.2f}x | {padding(stage, 'minimind2'):.0f}% "
               f"| {padding(stage, 'tinymind'):.0f}% |")
+    # What is left once padding is taken out of the picture: the speed per position the model runs on.
+    print("\n| stage | MiniMind2 computed tok/s | TinyMind computed tok/s | ratio per computed token |\n|---|---|---|---|")
+    for stage in args.stages:
+        mm, tm = (median(stage, name, "computed_per_s") for name in SIDES)
+        print(f"| {stage} | {mm:,.0f} | {tm:,.0f} | {tm / mm:.2f}x |")
     print("\ncommand: python bench/minimind2_compare.py " + " ".join(argv))
 
 
