@@ -328,7 +328,7 @@ def check_inputs(args, UserError):
             raise UserError(f"--minimind_dir {mm}: no MiniMind2 checkout there ({part} is missing); {GET_MINIMIND}")
     for package in ("transformers", "datasets"):
         if importlib.util.find_spec(package) is None:
-            raise UserError(f"MiniMind2's code imports `{package}`, which is not installed: pip install {package}")
+            raise UserError(f"MiniMind2's code imports `{package}`, which is not installed: pip install {package}" + ("==5.2.0" if package == "datasets" else ""))
     for stage in args.stages:
         if not stage_settings(args, stage)[2]:
             raise UserError(f"--data_dir {args.data_dir}: no {stage}_*.jsonl file there")
