@@ -326,9 +326,10 @@ def check_inputs(args, UserError):
     for part in ("model/model_minimind.py", "dataset/lm_dataset.py", "trainer/train_dpo.py", "model/tokenizer.json"):
         if not os.path.isfile(os.path.join(mm, part)):
             raise UserError(f"--minimind_dir {mm}: no MiniMind2 checkout there ({part} is missing); {GET_MINIMIND}")
-    for package in ("transformers", "datasets"):
-        if importlib.util.find_spec(package) is None:
-            raise UserError(f"MiniMind2's code imports `{package}`, which is not installed: pip install {package}" + ("==5.2.0" if package == "datasets" else ""))
+    for package in ("transformers", "datasets==5.2.0"):   # transformers is pinned in requirements.txt already
+        if importlib.util.find_spec(package.split("==")[0]) is None:
+            raise UserError(f"MiniMind2's code imports `{package.split('==')[0]}`, which is not installed: "
+                            f"pip install {package}")
     for stage in args.stages:
         if not stage_settings(args, stage)[2]:
             raise UserError(f"--data_dir {args.data_dir}: no {stage}_*.jsonl file there")
