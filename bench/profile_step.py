@@ -71,7 +71,7 @@ def profile(args):
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
     print(f"matmul share: {100 * matmul / total:.1f}% ({matmul / args.steps / 1000:.1f} ms), "
           f"everything else {100 * (total - matmul) / total:.1f}%")
-    print(f"\n| operator | self ms / step | share | calls / step |\n|---|---|---|---|")
+    print("\n| operator | self ms / step | share | calls / step |\n|---|---|---|---|")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
         if e.key[:2] in ("1 ", "2 ", "3 "):
             continue

@@ -83,10 +83,16 @@ def chunked_next_token_loss(hidden, weight, targets, loss_mask=None, chunk_token
     (ChunkedLMHeadLoss): hidden (B, T, dim) are the model's final normed states (return_hidden=True), weight
     its output head (vocab, dim). 1,024 tokens x 6,400 words of float32 logits are 26 MB per chunk.
     Returns (sum of the per-token losses, number of supervised tokens), as next_token_loss does."""
-    mask = torch.ones(targets.shape, device=targets.device) if loss_mask is None else loss_mask.float()
-    loss_sum = ChunkedLMHeadLoss.apply(hidden.flatten(0, 1), weight, targets.flatten(), mask.flatten(),
-                                       chunk_tokens)
-    return loss_sum, targets.numel() if loss_mask is None else int(mask.sum().item())
+    hidden, targets = hidden.flatten(0, 1), targets.flatten()
+    if loss_mask is None:
+        mask = torch.ones(targets.shape, device=targets.device)
+    else:
+        # Only supervised positions need the head at all: in SFT the system and user tokens (about half of a
+        # packed row) and the padding cost no head matmul and no softmax. Their gradient is 0 either way.
+        supervised = loss_mask.flatten().nonzero().squeeze(1)
+        hidden, targets, mask = hidden[supervised], targets[supervised], loss_mask.flatten()[supervised].float()
+    loss_sum = ChunkedLMHeadLoss.apply(hidden, weight, targets, mask, chunk_tokens)
+    return loss_sum, targets.numel()
 
 
 def language_model_loss(model, batch, autocast):
@@ -173,8 +179,14 @@ class ChunkedTargetLogps(torch.autograd.Function):
 
 def chunked_sequence_logps(hidden, weight, targets, loss_mask, seq_ids=None, n_sequences=None, chunk_tokens=1024):
     """sequence_logps(hidden @ weight^T, ...) without materialising all the logits (ChunkedTargetLogps):
-    hidden (N, T, dim) are the model's final normed states (return_hidden=True), weight its output head."""
-    token_logps = ChunkedTargetLogps.apply(hidden.flatten(0, 1), weight, targets.flatten(), chunk_tokens)
+    hidden (N, T, dim) are the model's final normed states (return_hidden=True), weight its output head.
+    Only the completion tokens go through the head (the prompts' and the padding's log-probs are summed
+    with weight 0 anyway); their log-probs are put back in place for the sums."""
+    completion = loss_mask.flatten().nonzero().squeeze(1)
+    picked = ChunkedTargetLogps.apply(hidden.flatten(0, 1)[completion], weight, targets.flatten()[completion],
+                                      chunk_tokens)
+    token_logps = torch.zeros(targets.numel(), dtype=picked.dtype, device=picked.device)
+    token_logps = token_logps.index_put((completion,), picked)
     return completion_sums(token_logps.view(targets.shape), loss_mask, seq_ids, n_sequences)
 
 
