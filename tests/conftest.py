@@ -1,10 +1,16 @@
 import os
+import signal
 import sys
 
 # Tests import the project's packages (model, dataset, trainer) from the repository root.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("WANDB_MODE", "offline")
+# A suite started in the background by a non-interactive shell (`cmd &`, nohup, some CI runners) inherits
+# SIGINT *ignored*, and so would every program it starts: the Ctrl-C tests would then test nothing. Put the
+# default back; a handler (unlike an ignore) is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 
