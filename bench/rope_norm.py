@@ -22,7 +22,8 @@ from model.model import RMSNorm, apply_rope, rope_tables  # noqa: E402
 
 def rope_rotate_half(x, cos, sin):
     half = x.shape[-1] // 2
-    return x * torch.cat([cos, cos], -1) + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * torch.cat([sin, sin], -1)
+    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)     # full-width tables
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def fwd_bwd_seconds(fn, inputs, needs_grad):

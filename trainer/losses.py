@@ -4,10 +4,10 @@ Notation: a sequence x_1..x_T; the model gives logits z_t over the vocabulary at
 log p(x_{t+1} | x_<=t) = log_softmax(z_t)[x_{t+1}]. The training loop takes SUMS of per-term losses with the
 number of terms, so it can average over the whole global batch (all micro-batches, all ranks) exactly.
 
-Contents: next_token_loss (pretraining, SFT), sequence_logps (and its chunked twin) and dpo_loss (DPO, https://arxiv.org/abs/2305.18290);
-token_logps_and_entropy (the per-token inputs of PPO and GRPO); the reward model's pairwise loss; the KL
-estimators k1/k2/k3; PPO's rollout processing, GAE, whitening and clipped policy/value losses; GRPO's group
-advantages, per-token losses and their aggregations. The RL parts
+Contents: next_token_loss and its chunked twin (pretraining, SFT), sequence_logps and its chunked twin, and
+dpo_loss (DPO, https://arxiv.org/abs/2305.18290); token_logps_and_entropy (the per-token inputs of PPO and
+GRPO); the reward model's pairwise loss; the KL estimators k1/k2/k3; PPO's rollout processing, GAE, whitening
+and clipped policy/value losses; GRPO's group advantages, per-token losses and their aggregations. The RL parts
 follow Hugging Face TRL (reward model and GRPO: 1.16; PPO: 1.12, its last release with PPO) number for number:
 tests/test_rl_losses.py checks them against TRL's own outputs (tests/data/*_trl.json).
 """
@@ -60,7 +60,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             h, y = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
             logits = (h @ weight.t()).float()                  # (chunk, vocab): the only logits alive now
             # One fused log_softmax, then one exp for the gradient: 28% faster on CPU than logsumexp followed
-            # by (z - log_z).exp_(), which computes the exponentials twice (bench: 11.6 -> 8.3 ms per chunk).
+            # by (z - log_z).exp_(), which computes the exponentials twice (measured: 11.6 -> 8.3 ms per chunk).
             log_probs = torch.log_softmax(logits, dim=-1)
             del logits
             loss -= log_probs.gather(1, y[:, None]).sum()     # -log softmax(z)[y]
