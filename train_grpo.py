@@ -20,7 +20,6 @@ Writes {out_dir}/grpo_{dim}.pth (chat with it: python eval_model.py --checkpoint
 """
 import torch
 
-from dataset.prompts import PromptDataset
 from trainer.args import base_parser, model_flags
 from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model
 from trainer.cli import non_negative_float, positive_float, positive_int, run_main
@@ -28,7 +27,8 @@ from trainer.losses import (GRPO_LOSS_TYPES, SCALE_REWARDS, completion_length_me
                             grpo_clip_metrics, grpo_reward_metrics, grpo_token_losses, group_advantages,
                             masked_mean)
 from trainer.rewards import add_prompt_flags, add_reward_flags, score_completions, setup_rewards
-from trainer.rl import RLStage, completion_logps, frozen_copy, pack_rollout, rollout_seed, run_rl, sample_completions
+from trainer.rl import (RLStage, completion_logps, frozen_copy, load_prompts, pack_rollout, rollout_seed, run_rl,
+                        sample_completions)
 from trainer.setup import describe_model, finish, seed_rank, start
 
 
@@ -138,14 +138,7 @@ def main():
     reward_model, rm_path, rules = setup_rewards(args, cfg.dim, dist, tokenizer)
     seed_rank(args, dist)
 
-    prompts = PromptDataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None,
-                            args.skip_bad_lines)
-    dist.print(f"data: {len(prompts)} prompts" + (f"; skipped {prompts.bad_lines} bad lines (first: "
-                                                  f"{prompts.first_bad})" if prompts.bad_lines else ""))
-    eval_prompts = None
-    if args.eval_path:   # held-out prompts: the reward of the greedy answers before and after training
-        eval_prompts = PromptDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
-                                     flag="--eval_path")
+    prompts, eval_prompts = load_prompts(args, tokenizer, dist)
     make_experience, update_loss = make_grpo(policy, reference, reward_model, rules, tokenizer, args, dist,
                                              precision)
     extra_state = {"grpo": {"init_from": init_from, "reward_model": rm_path, "rules": [n for n, _ in rules],

@@ -26,7 +26,6 @@ Writes {out_dir}/{save_name}_actor_{dim}.pth (python eval_model.py --checkpoint 
 """
 import torch
 
-from dataset.prompts import PromptDataset
 from model.heads import RewardModel
 from model.tokenizer import EOS_ID
 from trainer.args import base_parser, model_flags
@@ -35,8 +34,8 @@ from trainer.cli import non_negative_float, positive_float, positive_int, run_ma
 from trainer.losses import (INVALID_LOGPROB, KL_ESTIMATORS, completion_length_metrics, ppo_advantages,
                             ppo_policy_loss, ppo_rollout_metrics, ppo_value_loss)
 from trainer.rewards import add_prompt_flags, add_reward_flags, score_completions, setup_rewards
-from trainer.rl import (RLStage, completion_logps, critic_values, frozen_copy, pack_rollout, rollout_seed, run_rl,
-                        sample_completions)
+from trainer.rl import (RLStage, completion_logps, critic_values, frozen_copy, load_prompts, pack_rollout,
+                        rollout_seed, run_rl, sample_completions)
 from trainer.setup import describe_model, finish, seed_rank, start
 
 
@@ -143,14 +142,7 @@ def main():
     dist.print(f"critic initialised from {rm_path or init_from + ' (a fresh value head)'}")
     seed_rank(args, dist)
 
-    prompts = PromptDataset(args.data_path, tokenizer, args.max_seq_len, args.system_prompt or None,
-                            args.skip_bad_lines)
-    dist.print(f"data: {len(prompts)} prompts" + (f"; skipped {prompts.bad_lines} bad lines (first: "
-                                                  f"{prompts.first_bad})" if prompts.bad_lines else ""))
-    eval_prompts = None
-    if args.eval_path:   # held-out prompts: the reward of the greedy answers before and after training
-        eval_prompts = PromptDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
-                                     flag="--eval_path")
+    prompts, eval_prompts = load_prompts(args, tokenizer, dist)
     actor_critic = torch.nn.ModuleDict({"actor": actor, "critic": critic}).to(dist.device)  # one AdamW for both
     make_experience, update_loss = make_ppo(actor, critic, reference, reward_model, rules, tokenizer, args, dist,
                                             precision)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dataset.prompts import PromptDataset
 from dataset.sampler import BatchPlan
 from model.engine import Engine, Request
 from model.heads import rewards_at
@@ -42,6 +43,18 @@ from trainer.schedule import lr_at
 # ---------------------------------------------------------------------------------------------------------
 # Rollouts
 # ---------------------------------------------------------------------------------------------------------
+
+def load_prompts(args, tokenizer, dist):
+    """The training prompts (--data_path) and the held-out ones (--eval_path, or None: the reward of the greedy
+    answers before and after training), rendered with the stage's --system_prompt."""
+    system_prompt = args.system_prompt or None
+    prompts = PromptDataset(args.data_path, tokenizer, args.max_seq_len, system_prompt, args.skip_bad_lines)
+    dist.print(f"data: {len(prompts)} prompts" + (f"; skipped {prompts.bad_lines} bad lines (first: "
+                                                  f"{prompts.first_bad})" if prompts.bad_lines else ""))
+    if not args.eval_path:
+        return prompts, None
+    return prompts, PromptDataset(args.eval_path, tokenizer, args.max_seq_len, system_prompt, flag="--eval_path")
+
 
 def rollout_seed(seed, iteration, row=None):
     """The sampling seed of one completion: fixed by (run seed, iteration, row of the GLOBAL batch), so a
