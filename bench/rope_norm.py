@@ -27,14 +27,18 @@ def rope_rotate_half(x, cos, sin):
 
 
 def fwd_bwd_seconds(fn, inputs, needs_grad):
+    """Seconds of fn(*inputs) and, when any input needs a gradient, of its backward pass."""
     leaves = [t.detach().requires_grad_(g) for t, g in zip(inputs, needs_grad)]
     start = time.perf_counter()
     out = fn(*leaves)
-    out.backward(torch.ones_like(out))
+    if any(needs_grad):
+        out.backward(torch.ones_like(out))
     return time.perf_counter() - start
 
 
 def compare(name, first, second, inputs, needs_grad, repeats):
+    """One table row: the median times of first and second (timed in turns), their ratio, the outputs' largest
+    difference. Also used by bench/fusions.py."""
     a, b = [], []
     for _ in range(repeats):
         a.append(fwd_bwd_seconds(first, inputs, needs_grad))

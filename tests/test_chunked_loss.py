@@ -41,6 +41,18 @@ def test_chunked_equals_plain_cross_entropy(masked, chunk_tokens):
         assert (grads_chunked[0][mask == 0] == 0).all()
 
 
+def test_target_far_below_the_max_logit():
+    """-log p_y is taken as z_max - z_y - log p_max: exact where p_y itself underflows to 0 in float32
+    (a target logit 87+ below the largest), which a -log(softmax) would turn into inf."""
+    logits = torch.tensor([[120.0, 0, 0, 0], [0, 5, 0, 0], [1, 2, 3, 4], [0, 0, -3, 0]])   # 4 tokens x 4 words
+    hidden, weight = torch.eye(4), logits.t().contiguous().requires_grad_()                 # hidden @ weight^T
+    targets = torch.tensor([1, 1, 3, 2])                       # token 0's target is 120 below its max logit
+    loss, n = chunked_next_token_loss(hidden[None], weight, targets[None], chunk_tokens=3)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    assert torch.isfinite(loss) and expected.item() > 120
+    assert abs(loss.item() - expected.item()) < TOL * expected.item()
+
+
 def test_no_grad_computes_the_loss_only():
     torch.manual_seed(0)
     hidden, weight, targets = torch.randn(2, 9, 8), torch.randn(50, 8), torch.randint(0, 50, (2, 9))
