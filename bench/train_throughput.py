@@ -22,6 +22,7 @@ from model import ModelConfig, Transformer  # noqa: E402
 from trainer.loop import make_optimizer  # noqa: E402
 from trainer.losses import chunked_next_token_loss, next_token_loss  # noqa: E402
 from trainer.precision import setup_precision  # noqa: E402
+from trainer.setup import keep_freed_cpu_memory  # noqa: E402
 
 # Dense (no sparsity) peak tensor FLOP/s by GPU name and dtype, from the vendors' data sheets.
 GPU_PEAK = {
@@ -78,10 +79,15 @@ def main():
     ap.add_argument("--head_loss", choices=("chunked", "plain"), default="chunked",
                     help="chunked: head + cross-entropy in chunks (trainer/losses.py, what training uses); "
                          "plain: all the logits, then F.cross_entropy")
+    ap.add_argument("--malloc_defaults", action="store_true",
+                    help="CPU: leave glibc malloc's thresholds as they are, to measure what the training scripts' "
+                         "keep_freed_cpu_memory (trainer/setup.py) saves")
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = setup_precision(args.dtype, device)
+    if device.type == "cpu" and not args.malloc_defaults:
+        keep_freed_cpu_memory()     # as every stage script does (trainer/setup.py start)
     torch.manual_seed(0)
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                       max_seq_len=args.max_seq_len)
@@ -114,11 +120,13 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(args.steps):
         train_step()
     sync(device)
     seconds = (time.perf_counter() - t0) / args.steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps
 
     tokens_per_s = B * T / seconds
     flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.dim * T
@@ -136,6 +144,7 @@ def main():
     print(f"peak         {peak / 1e12:.3f} TFLOP/s ({peak_source})")
     print(f"MFU          {100 * achieved / peak:.1f}%")
     print(f"peak memory  {memory}")
+    print(f"page faults  {faults:,.0f} per step (minor: fresh pages touched; see trainer/setup.py keep_freed_cpu_memory)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """The start and end of every stage script: processes, seeds, precision; and the model's first report."""
+import ctypes
+import os
 import random
 
 import numpy as np
@@ -15,11 +17,40 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+# glibc's mallopt parameters (malloc.h) and the environment variables by which a user sets them instead.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_cpu_memory():
+    """Let freed tensors' memory be reused by the next ones instead of going back to the OS (CPU, glibc).
+
+    glibc's malloc serves big blocks with mmap and unmaps them on free (above a threshold that starts at
+    128 KiB and adapts up to 32 MiB), and gives the top of its heap back past another threshold. A training
+    step frees and allocates the same large tensors every step, so each step's logits, activations and
+    gradients landed on fresh pages, every 4 KiB page zero-filled by a page fault on its first touch. With
+    both thresholds at 1 GiB the heap keeps its pages, as PyTorch's caching allocator does on CUDA.
+    Demo shape, 1 thread: page faults per step 32,000-34,000 -> 2,600-2,900, 1.06-1.20x tokens/s, peak RSS
+    the same (python bench/train_throughput.py --dim 128 --n_layers 4 --max_seq_len 256 --batch_size 16
+    --n_heads 4 --n_kv_heads 2 [--malloc_defaults]).
+    Returns False (and changes nothing) without glibc, or when the user set malloc's variables."""
+    if any(name in os.environ for name in MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt      # the C library this process runs on
+    except (OSError, AttributeError):           # no mallopt: not glibc (macOS, Windows)
+        return False
+    threshold = 2**30
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+
+
 def start(args):
     """Join the process group (if under torchrun), pick device and precision, seed. Every rank uses the same
     seed here, so models built next are initialised identically; call `seed_rank` after building them."""
     dist = setup_distributed(args.device)
     precision = setup_precision(args.dtype, dist.device)
+    if dist.device.type == "cpu":
+        keep_freed_cpu_memory()
     seed_everything(args.seed)
     dist.print(f"device {dist.device} x {dist.world_size} process(es); precision: {precision.describe()}")
     return dist, precision
