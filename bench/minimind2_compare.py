@@ -198,9 +198,11 @@ def tinymind_side(args):
     from trainer.losses import language_model_loss
     from trainer.precision import setup_precision
     from trainer.schedule import lr_at
+    from trainer.setup import keep_freed_cpu_memory
 
     device = torch.device("cpu")
     precision = setup_precision("float32", device)
+    keep_freed_cpu_memory()     # as TinyMind's stage scripts do on CPU (MiniMind2's side runs with glibc's defaults)
     tokenizer = Tokenizer(os.path.join(args.minimind_dir, "model", "tokenizer.json"))  # MiniMind2's, as above
     n_steps = args.warmup_steps + args.steps
     cache_dir = tempfile.mkdtemp(prefix="tinymind-mm2-cache-")  # pretraining's token cache, removed at exit

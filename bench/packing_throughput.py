@@ -23,6 +23,7 @@ from dataset.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from dataset.sampler import BatchPlan  # noqa: E402
 from dataset.sft import SFTDataset, collate_sft  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+from trainer.setup import keep_freed_cpu_memory  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from trainer.loop import make_optimizer  # noqa: E402
 from trainer.losses import language_model_loss  # noqa: E402
@@ -48,6 +49,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="runs of each variant, in turns")
     ap.add_argument("--stat_batches", type=int, default=300, help="micro-batches the padding share is counted on")
     args = ap.parse_args()
+    keep_freed_cpu_memory()     # as the stage scripts do on CPU
 
     tokenizer = Tokenizer()
     data = SFTDataset(args.data_path, tokenizer, args.max_seq_len, DEFAULT_SYSTEM_PROMPT)

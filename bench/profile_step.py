@@ -28,9 +28,12 @@ def profile(args):
 
     sys.path.insert(0, args.root)
     from model import ModelConfig, Transformer
-    from trainer import losses
+    from trainer import losses, setup
     from trainer.loop import make_optimizer
 
+    keep_freed_memory = getattr(setup, "keep_freed_cpu_memory", None)   # what the stage scripts do, where they do
+    if keep_freed_memory is not None:
+        keep_freed_memory()
     torch.manual_seed(0)
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                       max_seq_len=args.max_seq_len)
