@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.rope_norm import compare  # noqa: E402
+from bench.rope_norm import SHAPES, TABLE_HEADER, compare  # noqa: E402
 from model import ModelConfig  # noqa: E402
 
 CHUNK_TOKENS = 1024   # ChunkedLMHeadLoss's default chunk
@@ -62,8 +62,8 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
-    print("| what (shape) | first ms | second ms | first / second | max diff |\n|---|---|---|---|---|")
-    for label, B, T, dim, heads in (("demo", 16, 256, 128, 4), ("26M", 4, 512, 512, 8)):
+    print(TABLE_HEADER)
+    for label, B, T, dim, heads in SHAPES:
         cfg = ModelConfig(dim=dim, n_heads=heads, n_kv_heads=2)
         x = torch.randn(B * T, dim)
         wq, wk, wv = (0.02 * torch.randn(n * cfg.head_dim, dim) for n in (heads, 2, 2))

@@ -26,6 +26,11 @@ def rope_rotate_half(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+# The two shapes every comparison runs at (label, batch, sequence, dim, heads), and the header of compare's rows.
+SHAPES = (("demo", 16, 256, 128, 4), ("26M", 4, 512, 512, 8))
+TABLE_HEADER = "| what (shape) | first ms | second ms | first / second | max diff |\n|---|---|---|---|---|"
+
+
 def fwd_bwd_seconds(fn, inputs, needs_grad):
     """Seconds of fn(*inputs) and, when any input needs a gradient, of its backward pass."""
     leaves = [t.detach().requires_grad_(g) for t, g in zip(inputs, needs_grad)]
@@ -54,8 +59,8 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads, median of {args.repeats}, forward + backward\n")
-    print("| what (shape) | first ms | second ms | first / second | max diff |\n|---|---|---|---|---|")
-    for label, B, T, dim, heads in (("demo", 16, 256, 128, 4), ("26M", 4, 512, 512, 8)):
+    print(TABLE_HEADER)
+    for label, B, T, dim, heads in SHAPES:
         head_dim = dim // heads
         cos, sin = rope_tables(head_dim, T, 1e6)
         q = torch.randn(B, heads, T, head_dim)
