@@ -21,7 +21,7 @@ from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.dpo import DPODataset, collate_pairs
 from dataset.packing import model_inputs, per_sequence_sum
 from model.lora import BaseModel, adapters_only, load_lora, merge_lora
-from trainer.args import add_lora_flags, add_pack_flag, base_parser, model_flags, pack_length
+from trainer.args import add_lora_flags, add_pack_flag, base_parser, model_flags
 from trainer.checkpoint import (atomic_save, attach_lora, checkpoint_tokenizer, find_stage_checkpoint, load_model,
                                 model_payload, stage_path, unwrap)
 from trainer.cli import non_negative_float, positive_float, run_main
@@ -208,7 +208,7 @@ def main():
     if lora:  # the output is the adapters: {out_dir}/lora/{save_name}_{dim}.pth
         args.out_dir = os.path.join(out_dir, "lora")
         extra_state["lora"] = {**lora, "base": init_from}
-    stage = Stage(name=args.save_name, dataset=data, collate_fn=partial(collate_pairs, pack_to=pack_length(args)),
+    stage = Stage(name=args.save_name, dataset=data, collate_fn=partial(collate_pairs, pack=args.pack),
                   loss_fn=make_dpo_step(reference, args), terms_per_step=args.batch_size * args.accumulation_steps,
                   eval_dataset=eval_data, init_from=init_from, extra_state=extra_state,
                   save_weights=adapters_only if lora else None, load_weights=load_lora if lora else None,

@@ -15,7 +15,7 @@ from functools import partial
 from dataset.chat import DEFAULT_SYSTEM_PROMPT, show_sample
 from dataset.sft import SFTDataset, collate_sft
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-from trainer.args import add_pack_flag, base_parser, model_flags, pack_length
+from trainer.args import add_pack_flag, base_parser, model_flags
 from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model, read_checkpoint
 from trainer.cli import UserError, run_main
 from trainer.losses import language_model_loss
@@ -67,7 +67,7 @@ def main():
         eval_data = SFTDataset(args.eval_path, tokenizer, args.max_seq_len, args.system_prompt or None,
                                flag="--eval_path")
     stage = Stage(name=args.save_name, dataset=data, loss_fn=language_model_loss,
-                  collate_fn=partial(collate_sft, pack_to=pack_length(args)),
+                  collate_fn=partial(collate_sft, pack=args.pack),
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from, tokenizer=tokenizer)
     run_training(model, stage, args, dist, precision)

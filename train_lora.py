@@ -15,7 +15,7 @@ from functools import partial
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.sft import SFTDataset, collate_sft
 from model.lora import adapters_only, load_lora
-from trainer.args import add_lora_flags, add_pack_flag, base_parser, model_flags, pack_length
+from trainer.args import add_lora_flags, add_pack_flag, base_parser, model_flags
 from trainer.checkpoint import checkpoint_tokenizer, find_stage_checkpoint, load_model
 from trainer.cli import run_main
 from trainer.losses import language_model_loss
@@ -56,7 +56,7 @@ def main():
     # Saved as {out_dir}/lora/{lora_name}_{dim}.pth; "model" holds only the adapters.
     args.out_dir, args.save_name = os.path.join(args.out_dir, "lora"), args.lora_name
     stage = Stage(name=args.lora_name, dataset=data, loss_fn=language_model_loss,
-                  collate_fn=partial(collate_sft, pack_to=pack_length(args)),
+                  collate_fn=partial(collate_sft, pack=args.pack),
                   terms_per_step=args.batch_size * args.accumulation_steps * args.max_seq_len / 4,
                   eval_dataset=eval_data, init_from=init_from,
                   save_weights=adapters_only, load_weights=load_lora,

@@ -8,6 +8,11 @@
 - The head loss's element-wise work on one 1,024-token chunk of logits (ChunkedLMHeadLoss): log_softmax, the
   target's entry and exp for the gradient, vs softmax, two max-reductions and the identity
   log p_y = log p_max + z_y - z_max; forward only (it has no autograd: its gradient is softmax - onehot).
+- Attention over packed SFT samples (--pack; 16 demo conversations, truncated to the shape's context): the
+  samples first-fit into rows of the context length with a block-diagonal causal mask over each row (what
+  --pack did before), vs all of them in one row with one causal kernel call per sample
+  (model.packed_causal_attention); forward + backward. The first variant also pays the gather of q, k, v into
+  its rows and back (a copy, small next to the attention).
 Timed in turns with bench/rope_norm.py's compare: the median of --repeats, and the outputs' largest difference.
 """
 import argparse
@@ -19,7 +24,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.rope_norm import SHAPES, TABLE_HEADER, compare  # noqa: E402
+from dataset.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from dataset.sft import SFTDataset  # noqa: E402
 from model import ModelConfig  # noqa: E402
+from model.model import packed_causal_attention  # noqa: E402
+from model.tokenizer import Tokenizer  # noqa: E402
 
 CHUNK_TOKENS = 1024   # ChunkedLMHeadLoss's default chunk
 
@@ -56,6 +65,46 @@ def head_softmax_max(logits, targets):
     return nll + probs[:, 0]
 
 
+def first_fit_rows(lengths, capacity):
+    """First-fit decreasing: each sample, longest first, into the first row with room; rows of sample indices."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def rows_attention(lengths, capacity):
+    """Attention of one packed row (1, H, sum L, hd) computed the old way: gathered into first-fit rows of
+    `capacity` tokens, one block-diagonal causal mask per row, and scattered back."""
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    rows = first_fit_rows(lengths, capacity)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    gather = torch.zeros(len(rows), width, dtype=torch.long)        # token of the one-row layout at (r, t)
+    sample = torch.full((len(rows), width), -1)                     # its sample; -1: padding
+    for r, row in enumerate(rows):
+        t = 0
+        for i in row:
+            gather[r, t:t + lengths[i]] = torch.arange(starts[i], starts[i] + lengths[i])
+            sample[r, t:t + lengths[i]] = i
+            t += lengths[i]
+    mask = (sample[:, :, None] == sample[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
+    back = torch.empty(sum(lengths), dtype=torch.long)              # where each token of the one row went
+    back[gather[sample >= 0]] = torch.arange(len(rows) * width).view(len(rows), width)[sample >= 0]
+
+    def attention(q, k, v):
+        H, hd = q.shape[1], q.shape[3]
+        q, k, v = (x[0][:, gather].transpose(0, 1) for x in (q, k, v))          # (R, H, width, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return out.transpose(0, 1).reshape(H, -1, hd)[:, back][None]
+    return attention
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
@@ -72,6 +121,14 @@ def main():
         w1, w3 = (0.02 * torch.randn(cfg.hidden_dim, dim) for _ in range(2))
         compare(f"SwiGLU gate + up, {label} ({B * T}x{dim} -> 2x{cfg.hidden_dim}): two matmuls, then one",
                 swiglu_separate, swiglu_stacked, (x, w1, w3), (True, True, True), args.repeats)
+        data = SFTDataset("dataset/demo/sft_*.jsonl", Tokenizer(), T, DEFAULT_SYSTEM_PROMPT)
+        picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:16].tolist()
+        lengths = [len(data[i]["ids"]) - 1 for i in picks]
+        q, k, v = (torch.randn(1, heads, sum(lengths), cfg.head_dim) for _ in range(3))
+        compare(f"packed attention, {label} (16 demo conversations, {sum(lengths)} tokens, {heads} heads of "
+                f"{cfg.head_dim}): mask over rows of {T}, then per sample", rows_attention(lengths, T),
+                lambda q, k, v: packed_causal_attention(q, k, v, lengths), (q, k, v), (True, True, True),
+                args.repeats)
     vocab = ModelConfig().vocab_size
     logits = 3 * torch.randn(CHUNK_TOKENS, vocab)
     targets = torch.randint(0, vocab, (CHUNK_TOKENS,))

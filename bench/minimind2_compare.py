@@ -220,7 +220,7 @@ def tinymind_side(args):
 
     def run(stage):
         max_len, batch_size, _ = stage_settings(args, stage)
-        pack_to = None if args.no_pack else max_len      # what train_full_sft.py / train_dpo.py --pack pass
+        pack = not args.no_pack      # what train_full_sft.py / train_dpo.py --pack pass
         data = datasets[stage]
         torch.manual_seed(42)
         cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
@@ -230,11 +230,11 @@ def tinymind_side(args):
         if stage == "pretrain":
             loss_fn, collate, terms_per_step = language_model_loss, collate_blocks, batch_size * max_len
         elif stage == "sft":
-            loss_fn, collate = language_model_loss, partial(collate_sft, pack_to=pack_to)
+            loss_fn, collate = language_model_loss, partial(collate_sft, pack=pack)
             terms_per_step = batch_size * max_len / 4
         else:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
-            loss_fn, collate = make_dpo_step(reference, dpo_flags), partial(collate_pairs, pack_to=pack_to)
+            loss_fn, collate = make_dpo_step(reference, dpo_flags), partial(collate_pairs, pack=pack)
             terms_per_step = batch_size
         optimizer = make_optimizer(model, LEARNING_RATE[stage], 0.1, device)
         _, batches = shuffled_batches(len(data), batch_size, n_steps)

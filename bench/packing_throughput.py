@@ -58,7 +58,7 @@ def main():
 
     def collate(indices, pack):
         samples = [data[i] for i in indices]
-        batch = collate_sft(samples, pack_to=args.max_seq_len if pack else None)
+        batch = collate_sft(samples, pack=pack)
         batch["samples"] = samples
         return batch
 

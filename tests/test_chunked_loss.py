@@ -96,15 +96,16 @@ def test_chunked_sequence_logps_equal_the_plain_ones(packed, chunk_tokens):
     from trainer.losses import chunked_sequence_logps
     torch.manual_seed(1)
     B, T, dim, vocab = 4, 29, 24, 300
+    if packed:   # one row of 5 sequences end to end (dataset/packing.py), of 9, 30, 1, 40 and 36 tokens
+        B, T = 1, B * T
     hidden = torch.randn(B, T, dim, requires_grad=True)
     weight = (0.3 * torch.randn(vocab, dim)).requires_grad_()
     targets = torch.randint(0, vocab, (B, T))
     mask = (torch.rand(B, T) < 0.7).float()
     token_logps = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    if packed:   # two sequences per row, the second starting at column 11; the last row's tail is padding (-1)
-        seq_ids = torch.tensor([[2 * r] * 11 + [2 * r + 1] * (T - 11) for r in range(B)])
-        seq_ids[-1, 25:] = -1
-        n = 2 * B
+    if packed:
+        seq_ids = torch.repeat_interleave(torch.arange(5), torch.tensor([9, 30, 1, 40, 36]))[None]
+        n = 5
         plain = torch.stack([(token_logps * mask)[seq_ids == i].sum() for i in range(n)])
     else:
         seq_ids, n = None, None

@@ -10,9 +10,10 @@ import torch
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.dpo import DPODataset, collate_pairs
-from dataset.packing import PAD_SEQ, model_inputs, pack_rows, packed_attention
+from dataset.packing import model_inputs, pack_rows
 from dataset.sft import SFTDataset, collate_sft
 from model import ModelConfig, Transformer
+from model.model import packed_causal_attention
 from model.tokenizer import Tokenizer
 from tests.helpers import read_log, run_script
 from trainer.checkpoint import atomic_save, model_payload
@@ -56,39 +57,59 @@ def dpo_samples(tok):
     return [data[i] for i in picks]
 
 
-def test_packed_attention_by_hand():
-    seq_ids = torch.tensor([[0, 0, 0, 1, 1, PAD_SEQ], [2, 2, 2, 2, 3, 3]])
-    positions, mask = packed_attention(seq_ids)
-    assert positions.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
-    expected = torch.zeros(2, 6, 6, dtype=torch.bool)
-    for b, spans in enumerate([[(0, 3), (3, 5), (5, 6)], [(0, 4), (4, 6)]]):
-        for start, end in spans:       # one lower triangle per sample (the padding is its own block)
-            for q in range(start, end):
-                expected[b, q, start:q + 1] = True
-    assert torch.equal(mask, expected)
+def test_pack_rows_by_hand():
+    rows = [([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 10], [0, 1]), ([11, 12, 13], [1, 1, 0])]
+    input_ids, targets, loss_mask, seq_ids, seq_lens = pack_rows(rows)
+    assert input_ids.tolist() == [[5, 6, 7, 9, 11, 12]]
+    assert targets.tolist() == [[6, 7, 8, 10, 12, 13]]
+    assert loss_mask.tolist() == [[0, 1, 1, 1, 1, 0]]
+    assert seq_ids.tolist() == [[0, 0, 0, 1, 2, 2]]
+    assert seq_lens == [3, 1, 2]
 
 
 def test_pack_rows_keeps_every_token_once(sft_samples):
     rows = [(s["ids"], s["mask"]) for s in sft_samples]
-    input_ids, targets, loss_mask, seq_ids = pack_rows(rows, SEQ)
-    assert input_ids.shape[1] <= SEQ
-    assert input_ids.shape[0] < 0.7 * len(rows)           # the demo conversations are short: they pack
+    input_ids, targets, loss_mask, seq_ids, seq_lens = pack_rows(rows)
+    assert input_ids.shape == (1, sum(len(ids) - 1 for ids, _ in rows))    # no padding at all
+    assert seq_lens == [len(ids) - 1 for ids, _ in rows]
     for i, (ids, mask) in enumerate(rows):
         where = seq_ids == i
         assert input_ids[where].tolist() == ids[:-1]       # contiguous, in order, nothing lost or added
         assert targets[where].tolist() == ids[1:]
         assert loss_mask[where].tolist() == mask[1:]
-    assert (loss_mask[seq_ids == PAD_SEQ] == 0).all()
-    again = pack_rows(rows, SEQ)
-    assert all(torch.equal(a, b) for a, b in zip((input_ids, targets, loss_mask, seq_ids), again))  # deterministic
-    # On the real rows, the mask lets a token read exactly the earlier tokens of its own sample.
-    positions, mask = packed_attention(seq_ids)
-    q, k = torch.meshgrid(torch.arange(seq_ids.shape[1]), torch.arange(seq_ids.shape[1]), indexing="ij")
-    for r in range(seq_ids.shape[0]):
-        same = seq_ids[r][:, None] == seq_ids[r][None, :]
-        assert torch.equal(mask[r], same & (k <= q))
-        for i in seq_ids[r].unique().tolist():
-            assert positions[r][seq_ids[r] == i].tolist() == list(range(int((seq_ids[r] == i).sum())))
+
+
+def test_packed_attention_equals_attention_per_sample():
+    """packed_causal_attention on a row of 3 samples == causal attention on each sample alone, and a
+    sample's output does not change when another sample of the row changes."""
+    torch.manual_seed(0)
+    seq_lens = [5, 1, 9]
+    q, k, v = (torch.randn(1, 2, sum(seq_lens), 8) for _ in range(3))
+    out = packed_causal_attention(q, k, v, seq_lens)
+    start = 0
+    for n in seq_lens:
+        sl = slice(start, start + n)
+        # the reference by hand: softmax(q k^T / sqrt(d) + causal -inf) v
+        scores = q[:, :, sl] @ k[:, :, sl].transpose(-1, -2) / 8 ** 0.5
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        assert torch.allclose(out[:, :, sl], scores.softmax(-1) @ v[:, :, sl], atol=1e-6)
+        start += n
+    k2 = k.clone()
+    k2[:, :, :5] = torch.randn(1, 2, 5, 8)                 # new keys for the first sample only
+    out2 = packed_causal_attention(q, k2, v, seq_lens)
+    assert torch.equal(out2[:, :, 5:], out[:, :, 5:]) and not torch.allclose(out2[:, :, :5], out[:, :, :5])
+
+
+def test_packed_positions_restart_per_sample():
+    """The model run on a packed row gives each sample the logits it gets alone (positions restart at 0)."""
+    model = sharp_model().eval()
+    a, b = torch.randint(3, 200, (1, 7)), torch.randint(3, 200, (1, 4))
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], dim=1), seq_lens=[7, 4])
+        assert torch.allclose(packed[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(packed[:, 7:], model(b), atol=1e-5)
+    with pytest.raises(ValueError, match="one packed row"):
+        model(torch.cat([a, b], dim=1), seq_lens=[7, 5])
 
 
 def loss_and_grads(model, batch):
@@ -100,7 +121,7 @@ def loss_and_grads(model, batch):
 
 def test_sft_loss_and_gradients_packed_equal_unpacked(sft_samples):
     model = sharp_model()
-    padded, packed = collate_sft(sft_samples), collate_sft(sft_samples, pack_to=SEQ)
+    padded, packed = collate_sft(sft_samples), collate_sft(sft_samples, pack=True)
     assert packed["input_ids"].numel() < 0.7 * padded["input_ids"].numel()
     loss_a, n_a, grads_a = loss_and_grads(model, padded)
     loss_b, n_b, grads_b = loss_and_grads(model, packed)
@@ -119,8 +140,8 @@ def test_sft_loss_and_gradients_packed_equal_unpacked(sft_samples):
 
 def test_dpo_logps_and_loss_packed_equal_unpacked(dpo_samples):
     policy, reference = sharp_model(0), sharp_model(1).eval().requires_grad_(False)
-    padded, packed = collate_pairs(dpo_samples), collate_pairs(dpo_samples, pack_to=SEQ)
-    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    padded, packed = collate_pairs(dpo_samples), collate_pairs(dpo_samples, pack=True)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
     logps_a, len_a = completion_logps(policy, padded, no_autocast)
     logps_b, len_b = completion_logps(policy, packed, no_autocast)
     assert torch.equal(len_a, len_b)

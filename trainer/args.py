@@ -93,14 +93,9 @@ def add_lora_flags(parser, default_rank):
 def add_pack_flag(parser):
     """--pack, for the stages whose samples vary in length (SFT, LoRA, DPO): see dataset/packing.py."""
     parser.add_argument("--pack", action="store_true",
-                        help="pack several samples into each row of up to --max_seq_len tokens (attention and "
-                             "positions kept per sample) instead of padding every sample to the batch's longest: "
-                             "the same loss, less padding computed")
-
-
-def pack_length(args):
-    """The row length samples are packed to (collate_sft/collate_pairs' pack_to), or None without --pack."""
-    return args.max_seq_len if args.pack else None
+                        help="lay each micro-batch's samples end to end in one row (attention and positions kept "
+                             "per sample) instead of padding every sample to the batch's longest: the same loss, "
+                             "no padding computed")
 
 
 def model_flags(args):

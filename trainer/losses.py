@@ -100,7 +100,7 @@ def language_model_loss(model, batch, autocast):
     """The stage loss of pretraining and SFT, in the shape the training loop expects:
     (loss sum, number of supervised tokens, extra metric sums). Pretraining batches carry no loss_mask
     (every token is a target); SFT batches mask everything but the assistant's answers. A packed batch
-    (--pack) carries seq_ids: its attention mask and positions keep the samples apart (dataset/packing.py).
+    (--pack) carries seq_lens: attention and positions are kept per sample (dataset/packing.py).
     The head and the loss are computed together in chunks (chunked_next_token_loss), except for a model
     sharded with FSDP, whose head weight exists whole only inside its forward."""
     if is_sharded(model):
@@ -122,7 +122,7 @@ def sequence_logps(logits, targets, loss_mask, seq_ids=None, n_sequences=None):
     choice) shrinks the log-ratio by the answer length, so with beta 0.1 the loss hardly moves off ln 2.
     logits (N, T, V) aligned with targets (N, T) (position t predicts targets[:, t]); loss_mask (N, T) is 1
     on completion tokens. Returns (N,).
-    Packed rows (--pack): seq_ids (R, T) say which sequence each token belongs to; the sums are then taken
+    A packed row (--pack): seq_ids (1, T) say which sequence each token belongs to; the sums are then taken
     per sequence, (n_sequences,), in seq_id order."""
     logps = torch.log_softmax(logits.float(), dim=-1)
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)      # log p(target_t) at every t
