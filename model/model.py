@@ -75,9 +75,11 @@ def packed_causal_attention(q, k, v, seq_lens, dropout_p=0.0):
     """Causal attention inside each sample of a packed row (dataset/packing.py), never across samples.
     q, k, v: (1, H, T, hd) with T = sum(seq_lens), the samples end to end. Each sample is one call of the
     fused causal kernel on its own slice: exactly the unpacked computation, and the work grows with the sum of
-    L_i^2, not with T^2 (a block-diagonal mask over the whole row costs T^2; on CPU this loop is 1.3-1.6x as
-    fast per layer at the demo and 26M widths, forward + backward, python bench/fusions.py).
-    (On CUDA, torch.nn.attention.varlen.varlen_attn does the same in one kernel call, for fp16/bf16.)"""
+    L_i^2, not with T^2. Forward + backward on CPU, 16 demo conversations: 2.1x (demo width) and 3.5x (26M
+    width) as fast as a block-diagonal causal mask over first-fit rows of the context length, which computes
+    every (query, key) pair of a row and the padding at its end (python bench/fusions.py).
+    On CUDA, torch.nn.attention.varlen.varlen_attn (fp16/bf16) could do it in one kernel call; not used yet:
+    there was no GPU to test it on."""
     # split, not slicing: the backward of a split is one cat, while each slice's backward would write its
     # gradient into a zero tensor of the whole row's size and add them all up (O(samples x T)).
     outs = [F.scaled_dot_product_attention(q_i, k_i, v_i, dropout_p=dropout_p, is_causal=True)
@@ -98,9 +100,10 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def project_qkv(self, x):
-        """x @ wq^T, x @ wk^T, x @ wv^T as ONE matmul against the three matrices stacked: at small widths
-        the single wider matmul (and its backward) is faster on CPU: forward + backward 1.27x at the demo shape,
-        1.10x at the 26M shape (python bench/fusions.py). The weights stay three parameters, named as in MiniMind2's
+        """x @ wq^T, x @ wk^T, x @ wv^T as ONE matmul against the three matrices stacked: one wider matmul
+        instead of three narrow ones. On this CPU the gain is small and depends on the hour: forward + backward
+        of the projections 1.05-1.10x at the 26M shape; at the demo shape 1.27x one day, 0.80-0.86x another, and
+        the whole training step equal within noise (python bench/fusions.py). The weights stay three parameters, named as in MiniMind2's
         checkpoints. LoRA-wrapped projections (model/lora.py) add their own low-rank terms: called one by one."""
         if not all(type(m) is nn.Linear for m in (self.wq, self.wk, self.wv)):
             return self.wq(x), self.wk(x), self.wv(x)
