@@ -101,10 +101,11 @@ class Attention(nn.Module):
 
     def project_qkv(self, x):
         """x @ wq^T, x @ wk^T, x @ wv^T as ONE matmul against the three matrices stacked: one wider matmul
-        instead of three narrow ones. On this CPU the gain is small and depends on the hour: forward + backward
-        of the projections 1.05-1.10x at the 26M shape; at the demo shape 1.27x one day, 0.80-0.86x another, and
-        the whole training step equal within noise (python bench/fusions.py). The weights stay three parameters, named as in MiniMind2's
-        checkpoints. LoRA-wrapped projections (model/lora.py) add their own low-rank terms: called one by one."""
+        instead of three narrow ones. On CPU the gain is small and depends on the hour: forward + backward of
+        the projections 1.05-1.10x at the 26M shape; at the demo shape 1.27x one day, 0.80-0.86x another, with
+        the whole training step equal within noise (python bench/fusions.py). The weights stay three
+        parameters, named as in MiniMind2's checkpoints. LoRA-wrapped projections (model/lora.py) add their own
+        low-rank terms: called one by one."""
         if not all(type(m) is nn.Linear for m in (self.wq, self.wk, self.wv)):
             return self.wq(x), self.wk(x), self.wv(x)
         qkv = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
