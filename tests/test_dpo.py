@@ -176,10 +176,12 @@ def test_precomputed_reference_equals_live(tmp_path, tiny_sft):
 
 
 def test_two_process_dpo_matches_one_process(tmp_path, tiny_sft):
+    """Packed (--pack, as make demo runs it): each rank lays its own share of the pairs in one row."""
     for name, nproc, bs in (("one", 0, "8"), ("two", 2, "4")):
         shutil.copytree(tiny_sft, tmp_path / name)
         run_script("train_dpo.py", *dpo_args(str(tmp_path / name), "--max_steps", "4", "--learning_rate", "1e-3",
-                                             "--data_path", "dataset/demo/dpo_poetry.jsonl", "--batch_size", bs),
+                                             "--data_path", "dataset/demo/dpo_poetry.jsonl", "--batch_size", bs,
+                                             "--pack"),
                    nproc=nproc)
     one, two = (read_log(tmp_path / n / "rlhf_64_log.jsonl") for n in ("one", "two"))
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
