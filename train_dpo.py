@@ -33,23 +33,21 @@ from trainer.setup import apply_lora, describe_model, finish, seed_rank, start
 
 def completion_logps(model, batch, autocast):
     """Summed log-probs of each sequence's completion, and the completion lengths, in the order
-    [chosen..., rejected...]. Packed (--pack), the sums are taken per seq_id instead of per row.
+    [chosen..., rejected...]. Packed (--pack), the sums are taken per packed sequence instead of per row.
     The head runs chunk by chunk (chunked_sequence_logps: the (tokens x vocab) logits never exist whole),
     except for a model sharded with FSDP, whose head weight exists whole only inside its forward."""
-    packed = "seq_ids" in batch
-    n_sequences = 2 * batch["index"].numel() if packed else None   # chosen and rejected of every pair (dummy included)
-    seq_ids = batch.get("seq_ids")
+    seq_lens = batch.get("seq_lens")        # None: unpacked, one sequence per row
     body = model.model if isinstance(model, BaseModel) else unwrap(model)   # the Transformer itself
     with autocast():
         if is_sharded(body):
             logits = model(batch["input_ids"], **model_inputs(batch))
-            logps = sequence_logps(logits, batch["targets"], batch["loss_mask"], seq_ids, n_sequences)
+            logps = sequence_logps(logits, batch["targets"], batch["loss_mask"], seq_lens)
         else:
             hidden = model(batch["input_ids"], **model_inputs(batch), return_hidden=True)
             logps = chunked_sequence_logps(hidden, body.output.weight, batch["targets"],
-                                           batch["loss_mask"], seq_ids, n_sequences)
+                                           batch["loss_mask"], seq_lens)
     lengths = batch["loss_mask"].float()
-    return logps, per_sequence_sum(lengths, seq_ids, n_sequences) if packed else lengths.sum(-1)
+    return logps, per_sequence_sum(lengths, seq_lens) if seq_lens is not None else lengths.sum(-1)
 
 
 def make_dpo_step(reference, args):

@@ -90,9 +90,8 @@ class DPODataset(torch.utils.data.Dataset):
 
 def collate_pairs(samples, pack=False):
     """One batch of 2B rows: the B chosen sequences, then the B rejected ones (one forward for both).
-    pack (--pack): the 2B sequences end to end in one row instead (dataset/packing.py); seq_ids number them in
-    the same order (chosen 0..B-1, rejected B..2B-1), so the per-sequence log-probs come out as (2B,) exactly
-    as unpacked.
+    pack (--pack): the 2B sequences end to end in one row instead (dataset/packing.py), in the same order
+    (chosen 0..B-1, rejected B..2B-1), so the per-sequence log-probs come out as (2B,) exactly as unpacked.
     Pairs whose chosen or rejected completion was truncated away are dropped (counted in n_dropped). If none
     is left, one all-padding dummy pair keeps the forward/backward (and DDP's gradient sync) going with
     n_pairs = 0, so the loss function can zero it."""
@@ -104,7 +103,7 @@ def collate_pairs(samples, pack=False):
     rows = [s["chosen"] for s in keep] + [s["rejected"] for s in keep]
     batch = {"n_dropped": n_dropped, "n_pairs": n_pairs, "index": torch.tensor([s["index"] for s in keep])}
     if pack:
-        batch["input_ids"], batch["targets"], batch["loss_mask"], batch["seq_ids"], batch["seq_lens"] = pack_rows(rows)
+        batch["input_ids"], batch["targets"], batch["loss_mask"], batch["seq_lens"] = pack_rows(rows)
     else:
         batch["input_ids"], batch["targets"], batch["loss_mask"] = pad_batch(rows)
     if "ref_logps" in samples[0]:

@@ -13,8 +13,8 @@ Two things keep the packed row computing exactly what the separate rows did:
   - attention never crosses a sample boundary: each sample gets its own causal attention over its own
     tokens (model.packed_causal_attention, given the samples' lengths, seq_lens);
   - positions restart at 0 for every sample, so RoPE rotates each token by the same angle as unpacked.
-Every token also carries the number of its sample (seq_ids), for per-sample sums such as DPO's sequence
-log-probs (per_sequence_sum). Packing happens inside each micro-batch of the batch plan, so the data order,
+The same lengths split the row again for per-sample sums such as DPO's sequence log-probs
+(per_sequence_sum). Packing happens inside each micro-batch of the batch plan, so the data order,
 resuming and the loss normalisation (by the number of loss terms) are exactly those of unpacked runs.
 """
 import torch
@@ -22,14 +22,13 @@ import torch
 
 def pack_rows(rows):
     """rows: list of (ids, mask); inputs and targets are ids shifted by one, so sample i has L_i = len(ids) - 1
-    positions. Returns input_ids, targets, loss_mask, seq_ids, all (1, L_1 + ... + L_B), and seq_lens, the list
-    [L_1, ..., L_B]; seq_ids[0, t] is the index in `rows` of the sample token t belongs to."""
+    positions. Returns input_ids, targets, loss_mask, all (1, L_1 + ... + L_B), and seq_lens, the list
+    [L_1, ..., L_B] that says where each sample starts and ends."""
     input_ids = torch.tensor([[t for ids, _ in rows for t in ids[:-1]]])
     targets = torch.tensor([[t for ids, _ in rows for t in ids[1:]]])
     loss_mask = torch.tensor([[m for _, mask in rows for m in mask[1:]]])  # mask[t+1]: is the target of t supervised?
     seq_lens = [len(ids) - 1 for ids, _ in rows]
-    seq_ids = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(seq_lens))[None]
-    return input_ids, targets, loss_mask, seq_ids, seq_lens
+    return input_ids, targets, loss_mask, seq_lens
 
 
 def model_inputs(batch):
@@ -38,7 +37,6 @@ def model_inputs(batch):
     return {"seq_lens": batch["seq_lens"]} if "seq_lens" in batch else {}
 
 
-def per_sequence_sum(values, seq_ids, n_sequences):
-    """Sum `values` (1, T) over the tokens of each sample: (n_sequences,), sample i = the tokens with seq_id i."""
-    return torch.zeros(n_sequences, dtype=values.dtype, device=values.device).index_add(
-        0, seq_ids.flatten(), values.flatten())
+def per_sequence_sum(values, seq_lens):
+    """Sum `values` (1, T) over the tokens of each sample of a packed row: (len(seq_lens),), in row order."""
+    return torch.stack([part.sum() for part in values.flatten().split(seq_lens)])

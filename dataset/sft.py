@@ -71,14 +71,14 @@ def pad_batch(rows):
 def collate_sft(samples, pack=False):
     """Drop samples with no supervised target left after truncation (counted in n_dropped).
     pack (--pack): the conversations end to end in one row (dataset/packing.py); the batch then also carries
-    their seq_ids and seq_lens."""
+    their lengths, seq_lens."""
     rows = [(s["ids"], s["mask"]) for s in samples if sum(s["mask"][1:]) > 0]
     n_dropped = len(samples) - len(rows)
     if not rows:  # every sample of this micro-batch was truncated away: an empty batch, 0 loss terms
         rows = [([PAD_ID, PAD_ID], [0, 0])]
     if pack:
-        input_ids, targets, loss_mask, seq_ids, seq_lens = pack_rows(rows)
-        return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "seq_ids": seq_ids,
-                "seq_lens": seq_lens, "n_dropped": n_dropped}
+        input_ids, targets, loss_mask, seq_lens = pack_rows(rows)
+        return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "seq_lens": seq_lens,
+                "n_dropped": n_dropped}
     input_ids, targets, loss_mask = pad_batch(rows)
     return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "n_dropped": n_dropped}

@@ -104,13 +104,13 @@ def test_chunked_sequence_logps_equal_the_plain_ones(packed, chunk_tokens):
     mask = (torch.rand(B, T) < 0.7).float()
     token_logps = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     if packed:
-        seq_ids = torch.repeat_interleave(torch.arange(5), torch.tensor([9, 30, 1, 40, 36]))[None]
-        n = 5
-        plain = torch.stack([(token_logps * mask)[seq_ids == i].sum() for i in range(n)])
+        seq_lens = [9, 30, 1, 40, 36]
+        seq_ids = torch.repeat_interleave(torch.arange(5), torch.tensor(seq_lens))[None]   # the reference's own
+        plain = torch.stack([(token_logps * mask)[seq_ids == i].sum() for i in range(5)])
     else:
-        seq_ids, n = None, None
+        seq_lens = None
         plain = (token_logps * mask).sum(-1)
-    chunked = chunked_sequence_logps(hidden, weight, targets, mask, seq_ids, n, chunk_tokens=chunk_tokens)
+    chunked = chunked_sequence_logps(hidden, weight, targets, mask, seq_lens, chunk_tokens=chunk_tokens)
     assert (chunked - plain).abs().max() < TOL * plain.abs().max()
     per_sequence_weight = torch.linspace(-2, 3, len(plain))
     grads_plain = torch.autograd.grad((plain * per_sequence_weight).sum(), (hidden, weight))

@@ -10,7 +10,7 @@ import torch
 
 from dataset.chat import DEFAULT_SYSTEM_PROMPT
 from dataset.dpo import DPODataset, collate_pairs
-from dataset.packing import model_inputs, pack_rows
+from dataset.packing import model_inputs, pack_rows, per_sequence_sum
 from dataset.sft import SFTDataset, collate_sft
 from model import ModelConfig, Transformer
 from model.model import packed_causal_attention
@@ -59,24 +59,23 @@ def dpo_samples(tok):
 
 def test_pack_rows_by_hand():
     rows = [([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 10], [0, 1]), ([11, 12, 13], [1, 1, 0])]
-    input_ids, targets, loss_mask, seq_ids, seq_lens = pack_rows(rows)
+    input_ids, targets, loss_mask, seq_lens = pack_rows(rows)
     assert input_ids.tolist() == [[5, 6, 7, 9, 11, 12]]
     assert targets.tolist() == [[6, 7, 8, 10, 12, 13]]
     assert loss_mask.tolist() == [[0, 1, 1, 1, 1, 0]]
-    assert seq_ids.tolist() == [[0, 0, 0, 1, 2, 2]]
     assert seq_lens == [3, 1, 2]
+    assert per_sequence_sum(loss_mask.float(), seq_lens).tolist() == [2, 1, 1]
 
 
 def test_pack_rows_keeps_every_token_once(sft_samples):
     rows = [(s["ids"], s["mask"]) for s in sft_samples]
-    input_ids, targets, loss_mask, seq_ids, seq_lens = pack_rows(rows)
+    input_ids, targets, loss_mask, seq_lens = pack_rows(rows)
     assert input_ids.shape == (1, sum(len(ids) - 1 for ids, _ in rows))    # no padding at all
     assert seq_lens == [len(ids) - 1 for ids, _ in rows]
-    for i, (ids, mask) in enumerate(rows):
-        where = seq_ids == i
-        assert input_ids[where].tolist() == ids[:-1]       # contiguous, in order, nothing lost or added
-        assert targets[where].tolist() == ids[1:]
-        assert loss_mask[where].tolist() == mask[1:]
+    for (ids, mask), a, b, m in zip(rows, *(x[0].split(seq_lens) for x in (input_ids, targets, loss_mask))):
+        assert a.tolist() == ids[:-1]                      # contiguous, in order, nothing lost or added
+        assert b.tolist() == ids[1:]
+        assert m.tolist() == mask[1:]
 
 
 def test_packed_attention_equals_attention_per_sample():
@@ -164,7 +163,7 @@ def test_dpo_logps_and_loss_packed_equal_unpacked(dpo_samples):
 
 
 def test_model_inputs_unpacked_is_plain_causal(sft_samples):
-    """A batch without seq_ids calls the model exactly as before: no mask, no positions."""
+    """A batch without seq_lens calls the model exactly as before: no mask, no positions."""
     assert model_inputs(collate_sft(sft_samples[:2])) == {}
 
 

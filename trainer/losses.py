@@ -115,24 +115,24 @@ def language_model_loss(model, batch, autocast):
     return loss_sum, n_tokens, {}
 
 
-def sequence_logps(logits, targets, loss_mask, seq_ids=None, n_sequences=None):
+def sequence_logps(logits, targets, loss_mask, seq_lens=None):
     """log pi(y | x) of each sequence's completion: the SUM over completion tokens of log p(token), in float32.
 
     This is the DPO paper's (and TRL's) definition: a sum, not a length-average. Averaging (MiniMind2's
     choice) shrinks the log-ratio by the answer length, so with beta 0.1 the loss hardly moves off ln 2.
     logits (N, T, V) aligned with targets (N, T) (position t predicts targets[:, t]); loss_mask (N, T) is 1
     on completion tokens. Returns (N,).
-    A packed row (--pack): seq_ids (1, T) say which sequence each token belongs to; the sums are then taken
-    per sequence, (n_sequences,), in seq_id order."""
+    A packed row (--pack): seq_lens are the lengths of its sequences, laid end to end; the sums are then
+    taken per sequence, (len(seq_lens),), in row order."""
     logps = torch.log_softmax(logits.float(), dim=-1)
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)      # log p(target_t) at every t
-    return completion_sums(token_logps, loss_mask, seq_ids, n_sequences)
+    return completion_sums(token_logps, loss_mask, seq_lens)
 
 
-def completion_sums(token_logps, loss_mask, seq_ids=None, n_sequences=None):
+def completion_sums(token_logps, loss_mask, seq_lens=None):
     """sum_t m_t * log p(target_t) per row, or per packed sequence (see sequence_logps)."""
-    if seq_ids is not None:
-        return per_sequence_sum(token_logps * loss_mask, seq_ids, n_sequences)
+    if seq_lens is not None:
+        return per_sequence_sum(token_logps * loss_mask, seq_lens)
     return (token_logps * loss_mask).sum(-1)
 
 
@@ -178,7 +178,7 @@ class ChunkedTargetLogps(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 
-def chunked_sequence_logps(hidden, weight, targets, loss_mask, seq_ids=None, n_sequences=None, chunk_tokens=1024):
+def chunked_sequence_logps(hidden, weight, targets, loss_mask, seq_lens=None, chunk_tokens=1024):
     """sequence_logps(hidden @ weight^T, ...) without materialising all the logits (ChunkedTargetLogps):
     hidden (N, T, dim) are the model's final normed states (return_hidden=True), weight its output head.
     Only the completion tokens go through the head (the prompts' and the padding's log-probs are summed
@@ -188,7 +188,7 @@ def chunked_sequence_logps(hidden, weight, targets, loss_mask, seq_ids=None, n_s
                                       chunk_tokens)
     token_logps = torch.zeros(targets.numel(), dtype=picked.dtype, device=picked.device)
     token_logps = token_logps.index_put((completion,), picked)
-    return completion_sums(token_logps.view(targets.shape), loss_mask, seq_ids, n_sequences)
+    return completion_sums(token_logps.view(targets.shape), loss_mask, seq_lens)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
