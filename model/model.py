@@ -6,11 +6,14 @@ Pre-norm blocks, rotary position embeddings (RoPE), grouped-query attention (GQA
 output head tied to the embedding. Parameter names follow MiniMind2/Meta-Llama (tok_embeddings, attention.wq,
 feed_forward.w1, ...) so the code is easy to compare with theirs.
 """
+import functools
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.varlen import varlen_attn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
@@ -78,13 +81,43 @@ def packed_causal_attention(q, k, v, seq_lens, dropout_p=0.0):
     L_i^2, not with T^2. Forward + backward on CPU, 16 demo conversations: 2.1x (demo width) and 3.5x (26M
     width) as fast as a block-diagonal causal mask over first-fit rows of the context length, which computes
     every (query, key) pair of a row and the padding at its end (python bench/fusions.py).
-    On CUDA, torch.nn.attention.varlen.varlen_attn (fp16/bf16) could do it in one kernel call; not used yet:
-    there was no GPU to test it on."""
+    On a GPU where FlashAttention's variable-length kernel runs (varlen_kernel_applies), the whole row is one
+    call of it instead, since a loop of small kernel launches per sample and layer would cost more than they
+    compute (varlen_causal_attention)."""
+    if varlen_kernel_applies(q, dropout_p):
+        return varlen_causal_attention(q, k, v, seq_lens)
     # split, not slicing: the backward of a split is one cat, while each slice's backward would write its
     # gradient into a zero tensor of the whole row's size and add them all up (O(samples x T)).
     outs = [F.scaled_dot_product_attention(q_i, k_i, v_i, dropout_p=dropout_p, is_causal=True)
             for q_i, k_i, v_i in zip(q.split(seq_lens, dim=2), k.split(seq_lens, dim=2), v.split(seq_lens, dim=2))]
     return torch.cat(outs, dim=2)
+
+
+def varlen_kernel_applies(q, dropout_p):
+    """Where torch.nn.attention.varlen.varlen_attn (FlashAttention-2's varlen kernel) runs: a CUDA GPU of
+    compute capability 8.0+ (Ampere, Hopper, ...), float16/bfloat16 inputs (bf16 autocast), head sizes up to
+    256 in multiples of 8, and no attention dropout (the function takes no dropout_p)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+@functools.lru_cache(maxsize=1)
+def cumulative_lengths(seq_lens, device):
+    """[0, L_0, L_0 + L_1, ..., T] as int32 on `device`: where each sample starts and ends in the row, the
+    form varlen kernels take the lengths in. Cached, so the n_layers calls of one forward copy it to the GPU once."""
+    return torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
+
+
+def varlen_causal_attention(q, k, v, seq_lens):
+    """packed_causal_attention in one kernel call: varlen_attn takes the samples' tokens end to end as
+    (T, heads, hd) and their boundaries as cumulative lengths; window (-1, 0) = causal (no key after the
+    query), inside each sample only. q, k, v: (1, H, T, hd) views; the result is again (1, H, T, hd).
+    Covered on CPU only with the kernel faked (tests/test_cuda_paths.py): no GPU has run this yet."""
+    cu = cumulative_lengths(tuple(seq_lens), q.device)
+    longest = max(seq_lens)
+    out = varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, longest, longest,
+                      window_size=(-1, 0))
+    return out.transpose(0, 1)[None]
 
 
 class Attention(nn.Module):

@@ -162,3 +162,73 @@ def test_rng_state_of_every_gpu_is_saved_and_restored(monkeypatch):
     assert state["cuda"] is saved
     loop.restore_rng(state)
     assert restored == [saved]
+
+
+def fake_varlen_attn(calls):
+    """torch.nn.attention.varlen.varlen_attn as documented (CUDA only), written out on CPU: query/key/value
+    (T, heads, hd) with the samples end to end, cu_seq (N+1,) int32 their boundaries, window (-1, 0) causal.
+    Checks what the real kernel requires and computes softmax(q k^T / sqrt(hd) + causal mask) v per sample."""
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1)):
+        bounds = cu_seq_q.tolist()
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        calls.append(lengths)
+        assert cu_seq_q.dtype == torch.int32 and cu_seq_q is cu_seq_k and bounds[0] == 0
+        assert bounds[-1] == query.shape[0] == key.shape[0] and max_q == max_k == max(lengths)
+        assert window_size == (-1, 0) and query.dim() == 3 and all(t.stride(-1) == 1 for t in (query, key, value))
+        outs = []
+        for a, b in zip(bounds, bounds[1:]):
+            q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))      # (heads, L, hd)
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            scores = scores.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), float("-inf"))
+            outs.append((scores.softmax(-1) @ v).transpose(0, 1))
+        return torch.cat(outs)
+    return varlen_attn
+
+
+def test_packed_attention_on_a_gpu_is_one_varlen_call_per_layer(monkeypatch):
+    """Where the varlen kernel runs (CUDA, bf16/fp16), a packed row's attention is ONE varlen_attn call per
+    layer, given the row's layout and boundaries as the kernel documents them: the model's outputs and
+    gradients are then those of the per-sample path (the kernel faked on CPU, its semantics written out)."""
+    from model import model as model_module
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+    ids, seq_lens = torch.randint(0, 64, (1, 12)), [5, 1, 6]
+
+    def run():
+        model.zero_grad()
+        logits = model(ids, seq_lens=seq_lens)
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    assert not model_module.varlen_kernel_applies(torch.zeros(1, 2, 3, 8), 0.0)     # CPU: the per-sample loop
+    reference = run()
+    calls = []
+    monkeypatch.setattr(model_module, "varlen_kernel_applies", lambda q, dropout_p: dropout_p == 0.0)
+    monkeypatch.setattr(model_module, "varlen_attn", fake_varlen_attn(calls))
+    logits, grads = run()
+    assert calls == [seq_lens] * 2
+    torch.testing.assert_close(logits, reference[0], rtol=0, atol=1e-5)
+    for g, g_ref in zip(grads, reference[1]):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5)
+
+
+def test_varlen_kernel_only_where_flash_attention_runs(monkeypatch):
+    """The gate of the one-call path: CUDA, compute capability 8.0+, fp16/bf16, head size a multiple of 8 up
+    to 256, no dropout; anything else (a T4, float32, dropout) takes the per-sample loop."""
+    from model.model import varlen_kernel_applies
+
+    class FakeCudaTensor:       # what the gate reads of q
+        is_cuda, device = True, torch.device("cuda", 0)
+
+        def __init__(self, dtype=torch.bfloat16, head_dim=64):
+            self.dtype, self.shape = dtype, (1, 4, 10, head_dim)
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[0])
+    assert varlen_kernel_applies(FakeCudaTensor(), 0.0) and varlen_kernel_applies(FakeCudaTensor(torch.float16), 0.0)
+    assert not varlen_kernel_applies(FakeCudaTensor(), 0.1)
+    assert not varlen_kernel_applies(FakeCudaTensor(torch.float32), 0.0)
+    assert not varlen_kernel_applies(FakeCudaTensor(head_dim=20), 0.0)
+    assert not varlen_kernel_applies(FakeCudaTensor(head_dim=512), 0.0)
+    capability[0] = (7, 5)
+    assert not varlen_kernel_applies(FakeCudaTensor(), 0.0)
