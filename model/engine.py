@@ -182,14 +182,18 @@ class Engine:
         attn_mask = torch.arange(key_len, device=self.device)[None, None, :] <= positions[:, :, None]  # (n, T, S)
         self.cache.rows = torch.tensor(slots, device=self.device)
         self.cache.positions, self.cache.key_len = positions, key_len
-        logits = self.model(ids, cache=self.cache, positions=positions, attn_mask=attn_mask)
+        hidden = self.model(ids, cache=self.cache, positions=positions, attn_mask=attn_mask, return_hidden=True)
+        # Only each row's last new token is sampled from: the head runs on those n positions alone, not on a
+        # whole prompt's (a prompt of P tokens would cost P times the head's matmul and softmax at prefill).
+        last = torch.tensor([len(t) - 1 for t in new_tokens], device=self.device)
+        logits = self.model.output(hidden[torch.arange(len(slots), device=self.device), last])    # (n, vocab)
         served = []
         for row, (slot, tokens) in enumerate(zip(slots, new_tokens)):
             self.lengths[slot] += len(tokens)
             request = self.slots[slot]
             # `generate` passes the prompt and the answer so far to the repetition penalty: so do we.
             seen = request.prompt_ids + request.tokens if request.repetition_penalty != 1.0 else None
-            tok = sample_next(logits[row, len(tokens) - 1], seen, request.temperature, request.top_k,
+            tok = sample_next(logits[row], seen, request.temperature, request.top_k,
                               request.top_p, request.repetition_penalty, request.generator)
             request.tokens.append(tok)
             if tok == request.eos_id:

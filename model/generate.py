@@ -53,7 +53,7 @@ def generate(model, prompt_ids, max_new_tokens=256, temperature=0.85, top_k=0, t
         step_input = ids
         for _ in range(max_new_tokens):
             x = torch.tensor([step_input if use_cache else ids], device=device)
-            logits = model(x, cache=cache)[0, -1]
+            logits = model.output(model(x, cache=cache, return_hidden=True)[0, -1])   # the head at the last position only
             tok = sample_next(logits, ids if repetition_penalty != 1.0 else None, temperature, top_k, top_p,
                               repetition_penalty, generator)
             ids.append(tok)
