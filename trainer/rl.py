@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dataset.prompts import PromptDataset
 from dataset.sampler import BatchPlan
@@ -120,10 +121,13 @@ def at_completion(per_position, batch):
 
 def completion_logps(model, batch, temperature, autocast):
     """log pi(y_t) and the entropy of each completion position, under softmax(z / temperature), (N, T)
-    each, float32 (trainer/losses.py token_logps_and_entropy). Differentiable when called with grad on."""
+    each, float32 (trainer/losses.py token_logps_and_entropy). Differentiable when called with grad on.
+    Only the positions that predict a completion token go through the LM head: the prompts and the padding
+    (N x L positions against N x T) need no logits at all."""
     with autocast():
-        logits = model(batch["input_ids"])
-    return token_logps_and_entropy(at_completion(logits, batch), batch["completions"], temperature)
+        hidden = model(batch["input_ids"], return_hidden=True)              # (N, L, dim)
+        logits = F.linear(at_completion(hidden, batch), unwrap(model).output.weight)    # (N, T, vocab)
+    return token_logps_and_entropy(logits, batch["completions"], temperature)
 
 
 def critic_values(critic, batch, autocast):
