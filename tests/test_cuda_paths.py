@@ -189,6 +189,7 @@ def test_packed_attention_on_a_gpu_is_one_varlen_call_per_layer(monkeypatch):
     """Where the varlen kernel runs (CUDA, bf16/fp16), a packed row's attention is ONE varlen_attn call per
     layer, given the row's layout and boundaries as the kernel documents them: the model's outputs and
     gradients are then those of the per-sample path (the kernel faked on CPU, its semantics written out)."""
+    import torch.nn.attention.varlen
     from model import model as model_module
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
@@ -204,7 +205,7 @@ def test_packed_attention_on_a_gpu_is_one_varlen_call_per_layer(monkeypatch):
     reference = run()
     calls = []
     monkeypatch.setattr(model_module, "varlen_kernel_applies", lambda q, dropout_p: dropout_p == 0.0)
-    monkeypatch.setattr(model_module, "varlen_attn", fake_varlen_attn(calls))
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", fake_varlen_attn(calls))
     logits, grads = run()
     assert calls == [seq_lens] * 2
     torch.testing.assert_close(logits, reference[0], rtol=0, atol=1e-5)
