@@ -117,3 +117,21 @@ def test_chunked_sequence_logps_equal_the_plain_ones(packed, chunk_tokens):
     grads_chunked = torch.autograd.grad((chunked * per_sequence_weight).sum(), (hidden, weight))
     for a, b in zip(grads_plain, grads_chunked):
         assert (a - b).abs().max() < TOL * a.abs().max()
+
+
+def test_evaluation_runs_only_the_heads_forward_matmul():
+    """Under no_grad (held-out evaluation) the chunked head computes the logits and the loss only: one
+    (N x dim) @ (dim x vocab) matmul, not the two gradient matmuls its training forward adds (counted by
+    PyTorch's FLOP counter), and the same loss."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    N, dim, vocab = 12, 8, 50
+    hidden, targets = torch.randn(1, N, dim), torch.randint(0, vocab, (1, N))
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    with FlopCounterMode(display=False) as training:
+        loss_train, _ = chunked_next_token_loss(hidden, weight, targets, chunk_tokens=5)
+    with torch.no_grad(), FlopCounterMode(display=False) as evaluation:
+        loss_eval, _ = chunked_next_token_loss(hidden, weight, targets, chunk_tokens=5)
+    assert evaluation.get_total_flops() == 2 * N * dim * vocab
+    assert training.get_total_flops() == 3 * evaluation.get_total_flops()
+    assert torch.equal(loss_eval, loss_train.detach())

@@ -93,6 +93,10 @@ def chunked_next_token_loss(hidden, weight, targets, loss_mask=None, chunk_token
         # packed row) and the padding cost no head matmul and no softmax. Their gradient is 0 either way.
         supervised = loss_mask.flatten().nonzero().squeeze(1)
         hidden, targets = hidden[supervised], targets[supervised]
+    if not torch.is_grad_enabled():
+        # Evaluation (no_grad): an autograd.Function still sees weight.requires_grad and would compute the
+        # gradients in its forward (two of the head's three matmuls); detached inputs tell it not to.
+        hidden, weight = hidden.detach(), weight.detach()
     return ChunkedLMHeadLoss.apply(hidden, weight, targets, chunk_tokens), targets.numel()
 
 
