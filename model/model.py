@@ -112,11 +112,11 @@ def varlen_causal_attention(q, k, v, seq_lens):
     (T, heads, hd) and their boundaries as cumulative lengths; window (-1, 0) = causal (no key after the
     query), inside each sample only. q, k, v: (1, H, T, hd) views; the result is again (1, H, T, hd).
     Covered on CPU only with the kernel faked (tests/test_cuda_paths.py): no GPU has run this yet."""
-    from torch.nn.attention import varlen     # imported here: importing it loads torch._dynamo (+2.4 s per process)
+    from torch.nn.attention import varlen    # here, not at the top: it loads torch._dynamo (~2 s at import)
     cu = cumulative_lengths(tuple(seq_lens), q.device)
     longest = max(seq_lens)
-    out = varlen.varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, longest, longest,
-                      window_size=(-1, 0))
+    out = varlen.varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
+                             longest, longest, window_size=(-1, 0))
     return out.transpose(0, 1)[None]
 
 
