@@ -93,18 +93,24 @@ def packed_causal_attention(q, k, v, seq_lens, dropout_p=0.0):
 
 
 def varlen_kernel_applies(q, dropout_p):
-    """Where torch.nn.attention.varlen.varlen_attn (FlashAttention-2's varlen kernel) runs: a CUDA GPU of
-    compute capability 8.0+ (Ampere, Hopper, ...), float16/bfloat16 inputs (bf16 autocast), head sizes up to
-    256 in multiples of 8, and no attention dropout (the function takes no dropout_p)."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+    """Where torch.nn.attention.varlen.varlen_attn (FlashAttention-2's varlen kernel) runs: an NVIDIA GPU of
+    compute capability 8.0+ (Ampere, Hopper, ...) in a build with FlashAttention, float16/bfloat16 inputs (bf16
+    autocast), head sizes up to 256 in multiples of 8, and no attention dropout (the function takes no
+    dropout_p). ROCm builds keep the per-sample loop: their varlen kernel supports only some AMD GPUs."""
+    return (q.is_cuda and torch.version.hip is None and q.dtype in (torch.float16, torch.bfloat16)
+            and dropout_p == 0.0 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 @functools.lru_cache(maxsize=1)
 def cumulative_lengths(seq_lens, device):
     """[0, L_0, L_0 + L_1, ..., T] as int32 on `device`: where each sample starts and ends in the row, the
-    form varlen kernels take the lengths in. Cached, so the n_layers calls of one forward copy it to the GPU once."""
-    return torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
+    form varlen kernels take the lengths in. Cached, so the n_layers calls of one forward copy it to the GPU once
+    (each copy from pageable memory waits for the GPU). Built outside inference mode: a tensor made under
+    torch.inference_mode could not be saved for a later backward pass that hits the cache."""
+    with torch.inference_mode(False):
+        return torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
 
 
 def varlen_causal_attention(q, k, v, seq_lens):

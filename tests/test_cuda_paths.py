@@ -175,6 +175,7 @@ def fake_varlen_attn(calls):
         assert cu_seq_q.dtype == torch.int32 and cu_seq_q is cu_seq_k and bounds[0] == 0
         assert bounds[-1] == query.shape[0] == key.shape[0] and max_q == max_k == max(lengths)
         assert window_size == (-1, 0) and query.dim() == 3 and all(t.stride(-1) == 1 for t in (query, key, value))
+        assert query.shape[1] == key.shape[1] == value.shape[1]     # varlen_attn's check without enable_gqa
         outs = []
         for a, b in zip(bounds, bounds[1:]):
             q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))      # (heads, L, hd)
@@ -185,14 +186,17 @@ def fake_varlen_attn(calls):
     return varlen_attn
 
 
-def test_packed_attention_on_a_gpu_is_one_varlen_call_per_layer(monkeypatch):
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_packed_attention_on_a_gpu_is_one_varlen_call_per_layer(monkeypatch, n_kv_heads):
     """Where the varlen kernel runs (CUDA, bf16/fp16), a packed row's attention is ONE varlen_attn call per
     layer, given the row's layout and boundaries as the kernel documents them: the model's outputs and
-    gradients are then those of the per-sample path (the kernel faked on CPU, its semantics written out)."""
+    gradients are then those of the per-sample path (the kernel faked on CPU, its semantics written out).
+    With GQA (2 kv heads) k and v reach it as copies; without (4), v is a strided view of the q/k/v matmul."""
     import torch.nn.attention.varlen
     from model import model as model_module
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=64,
+                                    max_seq_len=16))
     ids, seq_lens = torch.randint(0, 64, (1, 12)), [5, 1, 6]
 
     def run():
@@ -214,8 +218,9 @@ def test_packed_attention_on_a_gpu_is_one_varlen_call_per_layer(monkeypatch):
 
 
 def test_varlen_kernel_only_where_flash_attention_runs(monkeypatch):
-    """The gate of the one-call path: CUDA, compute capability 8.0+, fp16/bf16, head size a multiple of 8 up
-    to 256, no dropout; anything else (a T4, float32, dropout) takes the per-sample loop."""
+    """The gate of the one-call path: an NVIDIA GPU of compute capability 8.0+ with FlashAttention built in,
+    fp16/bf16, head size a multiple of 8 up to 256, no dropout; anything else (a T4, ROCm, float32, dropout)
+    takes the per-sample loop."""
     from model.model import varlen_kernel_applies
 
     class FakeCudaTensor:       # what the gate reads of q
@@ -226,10 +231,28 @@ def test_varlen_kernel_only_where_flash_attention_runs(monkeypatch):
 
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[0])
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)   # a CUDA build's
     assert varlen_kernel_applies(FakeCudaTensor(), 0.0) and varlen_kernel_applies(FakeCudaTensor(torch.float16), 0.0)
     assert not varlen_kernel_applies(FakeCudaTensor(), 0.1)
     assert not varlen_kernel_applies(FakeCudaTensor(torch.float32), 0.0)
     assert not varlen_kernel_applies(FakeCudaTensor(head_dim=20), 0.0)
     assert not varlen_kernel_applies(FakeCudaTensor(head_dim=512), 0.0)
+    monkeypatch.setattr(torch.version, "hip", "6.2")              # ROCm: its varlen kernel is not for every AMD GPU
+    assert not varlen_kernel_applies(FakeCudaTensor(), 0.0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: False)
+    assert not varlen_kernel_applies(FakeCudaTensor(), 0.0)      # a build without FlashAttention
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
     capability[0] = (7, 5)
     assert not varlen_kernel_applies(FakeCudaTensor(), 0.0)
+
+
+def test_cumulative_lengths_are_usable_after_inference_mode():
+    """The cached boundaries may be built first under torch.inference_mode (a chat or an evaluation) and
+    reused by a training forward: they must not be an inference tensor, which backward could not save."""
+    from model.model import cumulative_lengths
+    cumulative_lengths.cache_clear()
+    with torch.inference_mode():
+        cu = cumulative_lengths((3, 1, 2), torch.device("cpu"))
+    assert cu.tolist() == [0, 3, 4, 6] and cu.dtype == torch.int32 and not cu.is_inference()
+    assert cumulative_lengths((3, 1, 2), torch.device("cpu")) is cu
