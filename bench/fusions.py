@@ -1,4 +1,4 @@
-"""Fewer, larger kernels: what model/model.py and trainer/losses.py fuse, and one fusion they do not. Figures, not a test.
+"""Fewer, larger kernels: what model/model.py and trainer/losses.py fuse, and what they do not. Figures, not a test.
 
     python bench/fusions.py                    # the demo shape and the 26M shape
 
@@ -13,6 +13,14 @@
   --pack did before), vs all of them in one row with one causal kernel call per sample
   (model.packed_causal_attention); forward + backward. The first variant also pays the gather of q, k, v into
   its rows and back (a copy, small next to the attention).
+- The same packed row, all samples padded to the longest in one (samples, H, L_max, hd) batch and ONE causal
+  kernel call (not used: the kernel is bound by its FLOPs, and padding to the longest sample multiplies the
+  sum of L^2 it computes), vs one call per sample.
+- Causal attention over a batch (the pretraining step's): the math backend (q k^T, masked softmax, @ v as
+  separate ops), then the fused kernel model/model.py calls; and, with the fused kernel both times, the GQA heads
+  expanded as the model does (a copy of k and v per query head), then `enable_gqa=True` (no copy). The model
+  keeps the copy: the gain is small (a few % of attention) and whether every CUDA backend SDPA may pick under
+  bf16 (cuDNN's among them) takes grouped heads has not been run on a GPU here.
 Timed in turns with bench/rope_norm.py's compare: the median of --repeats, and the outputs' largest difference.
 """
 import argparse
@@ -21,6 +29,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.rope_norm import SHAPES, TABLE_HEADER, compare  # noqa: E402
@@ -105,6 +114,43 @@ def rows_attention(lengths, capacity):
     return attention
 
 
+def padded_samples_attention(lengths):
+    """Attention of one packed row (1, H, sum L, hd) with its samples padded into a batch of rows of the
+    longest sample's length: one causal call, then the real positions back into the packed row (causal
+    attention never lets a real position read the padding after it)."""
+    width = max(lengths)
+    slot = torch.cat([i * width + torch.arange(n) for i, n in enumerate(lengths)])   # packed token -> padded slot
+
+    def attention(q, k, v):
+        H, hd = q.shape[1], q.shape[3]
+        q, k, v = (x[0].new_zeros(H, len(lengths) * width, hd).index_copy(1, slot, x[0])
+                   .view(H, len(lengths), width, hd).transpose(0, 1) for x in (q, k, v))   # (samples, H, width, hd)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(0, 1).reshape(H, -1, hd).index_select(1, slot)[None]
+    return attention
+
+
+def causal_math_backend(q, k, v):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def causal_fused(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def gqa_expanded(q, k, v):
+    """model/model.py's Attention: each key/value head copied for the query heads that read it."""
+    B, KV, T, hd = k.shape
+    rep = q.shape[1] // KV
+    k, v = (x[:, :, None].expand(B, KV, rep, T, hd).reshape(B, KV * rep, T, hd) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def gqa_native(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
@@ -129,6 +175,15 @@ def main():
                 f"{cfg.head_dim}): mask over rows of {T}, then per sample", rows_attention(lengths, T),
                 lambda q, k, v: packed_causal_attention(q, k, v, lengths), (q, k, v), (True, True, True),
                 args.repeats)
+        compare(f"packed attention, {label} (the same row): one padded call, then per sample",
+                padded_samples_attention(lengths), lambda q, k, v: packed_causal_attention(q, k, v, lengths),
+                (q, k, v), (True, True, True), args.repeats)
+        q, k, v = (torch.randn(B, heads, T, cfg.head_dim) for _ in range(3))
+        compare(f"causal attention, {label} ({B}x{heads}x{T}x{cfg.head_dim}): math backend, then fused kernel",
+                causal_math_backend, causal_fused, (q, k, v), (True, True, True), args.repeats)
+        k, v = (torch.randn(B, 2, T, cfg.head_dim) for _ in range(2))
+        compare(f"causal attention, {label} ({heads} query heads, 2 key/value heads): heads expanded, then "
+                f"enable_gqa", gqa_expanded, gqa_native, (q, k, v), (True, True, True), args.repeats)
     vocab = ModelConfig().vocab_size
     logits = 3 * torch.randn(CHUNK_TOKENS, vocab)
     targets = torch.randint(0, vocab, (CHUNK_TOKENS,))
