@@ -69,6 +69,16 @@ def checkpoint_matches(path, args):
     return saved.get("_argv") == args and ckpt.get("step") == saved.get("max_steps")
 
 
+def interpreter():
+    """How to call the Python this demo runs in, for the commands the report prints: `make demo` runs in the
+    project's .venv (.venv/bin/python), where a bare `python` may have no torch."""
+    try:
+        path = os.path.relpath(sys.executable)
+    except ValueError:           # another drive (Windows)
+        return sys.executable
+    return sys.executable if path.startswith("..") else path
+
+
 def read_log(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -137,11 +147,12 @@ def main():
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     t_all = time.time()
 
-    redo = args.force
+    redo, skipped = args.force, []
     for name, script, flags in stage_commands(out, args):
         ckpt = os.path.join(out, f"{name}_{dim}.pth")
         if not redo and checkpoint_matches(ckpt, flags) and name in times:
             print(f"== {name}: {ckpt} is up to date, skipped (FORCE=1 to redo)", flush=True)
+            skipped.append(name)
             continue
         redo = True  # everything after a re-run stage depends on it
         print(f"\n== {name}: python {script} {' '.join(flags)}", flush=True)
@@ -175,11 +186,12 @@ def main():
     lines = ["# TinyMind demo report", "",
              f"Model: {sft.num_parameters() / 1e6:.2f}M parameters (dim {args.dim}, {args.n_layers} layers, "
              f"{args.n_heads} heads / {args.n_kv_heads} kv heads, context {args.max_seq_len}), on {device}.", "",
-             "| stage | wall time | steps | tokens seen | train loss (first → last) | held-out loss (before → after) |",
+             "| stage | wall time | steps | tokens seen | train loss (first 3 → last 3 logs) | held-out loss (before → after) |",
              "|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         held = (f"{s['eval_before']:.3f} → {s['eval_after']:.3f}" if s["eval_after"] is not None else "—")
-        lines.append(f"| {name} | {times.get(name, float('nan')):.0f} s | {s['steps']} | {s['tokens']:,} | "
+        when = " (earlier run)" if name in skipped else ""
+        lines.append(f"| {name} | {times.get(name, float('nan')):.0f} s{when} | {s['steps']} | {s['tokens']:,} | "
                      f"{s['first_loss']:.3f} → {s['train_loss']:.3f} | {held} |")
     d = summaries["rlhf"]["log"][-1]
     lines += ["", f"DPO on the identity pairs: reward accuracy {d['rewards/accuracies']:.2f}, margin "
@@ -197,9 +209,12 @@ def main():
     lines += ["", "## Held-out identity questions (greedy)", "", "| question | after SFT | after DPO |", "|---|---|---|"]
     for q, a, b in zip(identity_q, sft_ids, dpo_ids):
         lines.append(f"| {cell(q)} | {cell(a)} | {cell(b)} |")
-    lines += ["", f"Total wall time of this run: {time.time() - t_all:.0f} s. Loss curves: `{out}/demo_loss.png`.", "",
-              "Chat with the result:", "", "```", f"python eval_model.py --out_dir {out} --model_mode 2   # after DPO",
-              f"python eval_model.py --out_dir {out} --model_mode 1   # after SFT", "```"]
+    python = interpreter()
+    lines += ["", f"Total wall time of this run: {time.time() - t_all:.0f} s"
+              + (f" ({', '.join(skipped)} skipped: up to date)" if skipped else "")
+              + f". Loss curves: `{out}/demo_loss.png`.", "",
+              "Chat with the result:", "", "```", f"{python} eval_model.py --out_dir {out} --model_mode 2   # after DPO",
+              f"{python} eval_model.py --out_dir {out} --model_mode 1   # after SFT", "```"]
     report = "\n".join(lines) + "\n"
     with open(os.path.join(out, "demo_report.md"), "w", encoding="utf-8") as f:
         f.write(report)

@@ -38,6 +38,10 @@ def test_demo_pipeline_at_toy_size(tmp_path):
     # Run again: finished stages are skipped, the report is rebuilt.
     second = run_demo(out)
     assert second.count("is up to date, skipped") == 3
+    # ... and says which times come from the earlier run, and how to call the Python it ran in.
+    assert second.count(" s (earlier run) |") == 3 and "(pretrain, full_sft, rlhf skipped: up to date)" in second
+    chat = next(line for line in second.splitlines() if "eval_model.py --out_dir" in line)
+    assert os.path.samefile(os.path.join(ROOT, chat.split()[0]), sys.executable), chat
     # Different flags for a stage: it and every later stage run again.
     third = run_demo(out, "--sft_steps", "5")
     assert "== pretrain: " in third and "skipped" in third.split("== full_sft")[0]
