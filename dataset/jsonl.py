@@ -14,6 +14,18 @@ import time
 import numpy as np
 
 
+def what_is_there(path, suffix, most=6):
+    """For a "not found" message: the `suffix` files in the folder `path` names, so a typo shows next to the
+    right name, e.g. " (dataset/demo has: sft_cedict.jsonl, sft_identity.jsonl, ...)"."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f" (no folder {folder})"
+    names = sorted(n for n in os.listdir(folder) if n.endswith(suffix))
+    if not names:
+        return f" ({folder} has no {suffix} file)"
+    return f" ({folder} has: {', '.join(names[:most])}{', ...' if len(names) > most else ''})"
+
+
 class DataError(ValueError):
     """Bad input data: a malformed line (the message starts with `file:line:` so an editor can jump to it), a
     missing file, or data with nothing usable in it."""
@@ -146,7 +158,7 @@ def expand_paths(spec, flag="--data_path"):
                 raise DataError(f"{flag} {item}: no file matches this pattern")
             for m in matches:
                 if not os.path.isfile(m):
-                    raise DataError(f"{flag} {m}: no such data file")
+                    raise DataError(f"{flag} {m}: no such data file{what_is_there(m, '.jsonl')}")
                 paths.append(m)
     if not paths:
         raise DataError(f"{flag} {spec!r}: names no data file")

@@ -247,6 +247,7 @@ def two_checkpoints(out_dir, tmp_path_factory):
     (["--temperature", "-1"], "argument --temperature: must be a number >= 0, got -1"),
     (["--top_p", "0"], "argument --top_p: must be in (0, 1], got 0"),
     (["--top_p", "1.5"], "argument --top_p: must be in (0, 1], got 1.5"),
+    (["--temperature", "warm"], "argument --temperature: must be a number >= 0, got warm"),
     (["--max_new_tokens", "0"], "argument --max_new_tokens: must be a positive integer, got 0"),
     (["--history_cnt", "-2"], "argument --history_cnt: must be 0 or a positive integer"),
     (["--model_mode", "3"], "argument --model_mode: invalid choice: 3"),

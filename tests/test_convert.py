@@ -463,4 +463,5 @@ def test_command_line_errors_have_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "export", str(tmp_path / "nope.pth"), str(tmp_path / "hf")],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"convert_model.py: error: checkpoint not found: {tmp_path / 'nope.pth'}"), proc.stderr
+        f"convert_model.py: error: checkpoint not found: {tmp_path / 'nope.pth'} ({tmp_path} has no .pth file)"), \
+        proc.stderr

@@ -32,6 +32,7 @@ def tiny(out_dir, *extra):
 @pytest.mark.parametrize("flags,fragments", [
     (["--log_interval", "0"], ["--log_interval", "positive integer"]),
     (["--batch_size", "0"], ["--batch_size", "positive integer"]),
+    (["--batch_size", "abc"], ["--batch_size: must be a positive integer, got abc"]),   # not "invalid positive_int"
     (["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
     (["--dtype", "float16"], ["float16 needs a CUDA device"]),
     (["--dtype", "half"], ["invalid choice: 'half'"]),

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from dataset.jsonl import what_is_there
 from model import ARCH_FIELDS, ModelConfig, Transformer
 from model.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from trainer.cli import UserError
@@ -131,7 +132,7 @@ def checkpoint_tokenizer(ckpt, path, tokenizer_path=None):
 def read_checkpoint(path, stage_hint=None):
     """torch.load a checkpoint with a helpful error when it is missing."""
     if not os.path.isfile(path):
-        hint = f". {stage_hint}" if stage_hint else ""
+        hint = f". {stage_hint}" if stage_hint else what_is_there(path, ".pth")
         raise UserError(f"checkpoint not found: {path}{hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -105,46 +105,40 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def checked_number(text, kind, ok, what):
+    """An argparse type's work: `text` as int or float, or one line saying what the flag takes (argparse's own
+    message for a word would name the type function: "invalid positive_int value: 'abc'")."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
 def positive_int(text):
     """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return checked_number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
+    return checked_number(text, int, lambda v: v >= 0, "0 or a positive integer")
 
 
 def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+    return checked_number(text, float, lambda v: v > 0, "a number > 0")
 
 
 def non_negative_float(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+    return checked_number(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def fraction(text):
     """argparse type: a number in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+    return checked_number(text, float, lambda v: 0 <= v <= 1, "between 0 and 1")
 
 
 def probability_mass(text):
     """argparse type for --top_p: a number in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    return checked_number(text, float, lambda v: 0 < v <= 1, "in (0, 1]")
