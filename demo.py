@@ -9,6 +9,7 @@ Writes out/demo_report.md (also printed) and out/demo_loss.png.
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -70,13 +71,17 @@ def checkpoint_matches(path, args):
 
 
 def interpreter():
-    """How to call the Python this demo runs in, for the commands the report prints: `make demo` runs in the
+    """How to call the Python this demo runs in, for the commands it prints: `make demo` runs in the
     project's .venv (.venv/bin/python), where a bare `python` may have no torch."""
     try:
         path = os.path.relpath(sys.executable)
     except ValueError:           # another drive (Windows)
-        return sys.executable
-    return sys.executable if path.startswith("..") else path
+        path = sys.executable
+    if path.startswith(".."):
+        path = sys.executable
+    elif os.sep not in path:     # in this folder: ./python, not whatever `python` the PATH finds
+        path = os.path.join(".", path)
+    return shlex.quote(path)
 
 
 def read_log(path):
@@ -155,7 +160,7 @@ def main():
             skipped.append(name)
             continue
         redo = True  # everything after a re-run stage depends on it
-        print(f"\n== {name}: python {script} {' '.join(flags)}", flush=True)
+        print(f"\n== {name}: {interpreter()} {script} {shlex.join(flags)}", flush=True)
         t0 = time.time()
         code = subprocess.run([sys.executable, script, *flags]).returncode
         if code != 0:  # the stage printed its own one-line error (or was stopped): add which stage, no traceback
@@ -186,7 +191,8 @@ def main():
     lines = ["# TinyMind demo report", "",
              f"Model: {sft.num_parameters() / 1e6:.2f}M parameters (dim {args.dim}, {args.n_layers} layers, "
              f"{args.n_heads} heads / {args.n_kv_heads} kv heads, context {args.max_seq_len}), on {device}.", "",
-             "| stage | wall time | steps | tokens seen | train loss (first 3 → last 3 logs) | held-out loss (before → after) |",
+             "| stage | wall time | steps | tokens seen | train loss (first 3 → last 3 logs) "
+             "| held-out loss (before → after) |",
              "|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         held = (f"{s['eval_before']:.3f} → {s['eval_after']:.3f}" if s["eval_after"] is not None else "—")
@@ -213,7 +219,8 @@ def main():
     lines += ["", f"Total wall time of this run: {time.time() - t_all:.0f} s"
               + (f" ({', '.join(skipped)} skipped: up to date)" if skipped else "")
               + f". Loss curves: `{out}/demo_loss.png`.", "",
-              "Chat with the result:", "", "```", f"{python} eval_model.py --out_dir {out} --model_mode 2   # after DPO",
+              "Chat with the result:", "", "```",
+              f"{python} eval_model.py --out_dir {out} --model_mode 2   # after DPO",
               f"{python} eval_model.py --out_dir {out} --model_mode 1   # after SFT", "```"]
     report = "\n".join(lines) + "\n"
     with open(os.path.join(out, "demo_report.md"), "w", encoding="utf-8") as f:

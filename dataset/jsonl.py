@@ -15,15 +15,19 @@ import numpy as np
 
 
 def what_is_there(path, suffix, most=6):
-    """For a "not found" message: the `suffix` files in the folder `path` names, so a typo shows next to the
-    right name, e.g. " (dataset/demo has: sft_cedict.jsonl, sft_identity.jsonl, ...)"."""
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
+    """For a "not found" message: the `suffix` files in the folder `path` names (or in `path`, a folder given
+    for a file), so a typo shows next to the right name, e.g. " (dataset/demo has: sft_cedict.jsonl, ...)"."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(suffix))
+    except FileNotFoundError:
         return f" (no folder {folder})"
-    names = sorted(n for n in os.listdir(folder) if n.endswith(suffix))
+    except OSError:              # unreadable: the message stands without the listing
+        return ""
+    said = f"{path} is a folder; it" if folder == path else folder
     if not names:
-        return f" ({folder} has no {suffix} file)"
-    return f" ({folder} has: {', '.join(names[:most])}{', ...' if len(names) > most else ''})"
+        return f" ({said} has no {suffix} file)"
+    return f" ({said} has: {', '.join(names[:most])}{', ...' if len(names) > most else ''})"
 
 
 class DataError(ValueError):

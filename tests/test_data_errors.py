@@ -84,8 +84,14 @@ def test_non_utf8_bytes_name_the_byte_and_column(tmp_path):
 
 def test_missing_data_file_names_the_flag_and_path(tmp_path):
     write_lines(tmp_path / "a.jsonl", texts(1))
-    with pytest.raises(DataError, match=rf"^--data_path {tmp_path}/nope.jsonl: no such data file \({tmp_path} has: a.jsonl\)$"):
+    missing = f"--data_path {tmp_path}/nope.jsonl: no such data file ({tmp_path} has: a.jsonl)"
+    with pytest.raises(DataError, match=f"^{re.escape(missing)}$"):
         expand_paths(f"{tmp_path}/a.jsonl,{tmp_path}/nope.jsonl")
+    folder = f"--data_path {tmp_path}: no such data file ({tmp_path} is a folder; it has: a.jsonl)"
+    with pytest.raises(DataError, match=f"^{re.escape(folder)}$"):
+        expand_paths(str(tmp_path))
+    with pytest.raises(DataError, match=re.escape(f"(no folder {tmp_path}/no)")):
+        expand_paths(f"{tmp_path}/no/a.jsonl")
     with pytest.raises(DataError, match=r"^--eval_path .*/\*.json: no file matches"):
         SFTDataset(f"{tmp_path}/*.json", None, 64, None, flag="--eval_path")
 

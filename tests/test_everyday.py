@@ -34,6 +34,7 @@ def tiny(out_dir, *extra):
     (["--batch_size", "0"], ["--batch_size", "positive integer"]),
     (["--batch_size", "abc"], ["--batch_size: must be a positive integer, got abc"]),   # not "invalid positive_int"
     (["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
+    (["--learning_rate", "inf"], ["--learning_rate: must be a number > 0, got inf"]),
     (["--dtype", "float16"], ["float16 needs a CUDA device"]),
     (["--dtype", "half"], ["invalid choice: 'half'"]),
     (["--device", "cuda"], ["CUDA is not available", "--device cpu"]),

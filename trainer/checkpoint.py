@@ -132,8 +132,8 @@ def checkpoint_tokenizer(ckpt, path, tokenizer_path=None):
 def read_checkpoint(path, stage_hint=None):
     """torch.load a checkpoint with a helpful error when it is missing."""
     if not os.path.isfile(path):
-        hint = f". {stage_hint}" if stage_hint else what_is_there(path, ".pth")
-        raise UserError(f"checkpoint not found: {path}{hint}")
+        hint = f". {stage_hint}" if stage_hint else ""
+        raise UserError(f"checkpoint not found: {path}{what_is_there(path, '.pth')}{hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated/corrupt/foreign file: say which file, not pickle's traceback

@@ -10,6 +10,7 @@ code and keeps its traceback; `--debug` shows the traceback of user mistakes too
         run_main(main)
 """
 import argparse
+import math
 import os
 import sys
 
@@ -112,7 +113,7 @@ def checked_number(text, kind, ok, what):
         value = kind(text)
     except ValueError:
         value = None
-    if value is None or not ok(value):
+    if value is None or not math.isfinite(value) or not ok(value):    # inf or nan: no flag means them
         raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
 
