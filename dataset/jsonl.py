@@ -5,6 +5,7 @@ A 1.6 GB `pretrain_hq.jsonl` has millions of lines. Holding them as Python strin
 file size in RAM (and is copied into every DataLoader worker). Instead we keep one int64 byte offset per line
 in a numpy array (8 bytes a line) and read a line with seek+readline when it is needed.
 """
+import difflib
 import glob
 import json
 import os
@@ -15,8 +16,9 @@ import numpy as np
 
 
 def what_is_there(path, suffix, most=6):
-    """For a "not found" message: the `suffix` files in the folder `path` names (or in `path`, a folder given
-    for a file), so a typo shows next to the right name, e.g. " (dataset/demo has: sft_cedict.jsonl, ...)"."""
+    """For a "not found" message: the `suffix` files in the folder `path` names, closest names first (or in
+    `path`, a folder given for a file), so a typo shows next to the right name:
+    sft_cedit.jsonl -> " (dataset/demo has: sft_cedict.jsonl, ...)"."""
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     try:
         names = sorted(n for n in os.listdir(folder) if n.endswith(suffix))
@@ -27,6 +29,8 @@ def what_is_there(path, suffix, most=6):
     said = f"{path} is a folder; it" if folder == path else folder
     if not names:
         return f" ({said} has no {suffix} file)"
+    if folder != path:           # the names closest to the one asked for first: a typo's fix leads
+        names = difflib.get_close_matches(os.path.basename(path), names, n=len(names), cutoff=0)
     return f" ({said} has: {', '.join(names[:most])}{', ...' if len(names) > most else ''})"
 
 

@@ -92,6 +92,10 @@ def test_missing_data_file_names_the_flag_and_path(tmp_path):
         expand_paths(str(tmp_path))
     with pytest.raises(DataError, match=re.escape(f"(no folder {tmp_path}/no)")):
         expand_paths(f"{tmp_path}/no/a.jsonl")
+    for name in ("b.jsonl", "sft_cedict.jsonl", "sft_wordnet.jsonl"):
+        write_lines(tmp_path / name, texts(1))
+    with pytest.raises(DataError, match=re.escape(f"({tmp_path} has: sft_cedict.jsonl, sft_wordnet.jsonl,")):
+        expand_paths(f"{tmp_path}/sft_cedit.jsonl")           # a typo: the closest names first, not a.jsonl
     with pytest.raises(DataError, match=r"^--eval_path .*/\*.json: no file matches"):
         SFTDataset(f"{tmp_path}/*.json", None, 64, None, flag="--eval_path")
 
