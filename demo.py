@@ -1,7 +1,7 @@
 """`make demo`: the whole pipeline on the bundled corpus: pretrain -> SFT -> DPO (the identity lab) -> report.
 
 Runs the same stage scripts a user runs (printed before each stage), with a model small enough that a 2-core
-CPU finishes in about eight minutes (460 s of stage time measured, README); a GPU is used automatically when
+CPU finishes in about eight minutes (460-491 s of stage time measured, README); a GPU is used automatically when
 there is one. A stage whose checkpoint exists and was made with the same flags is skipped; FORCE=1 (or --force)
 redoes everything.
 
@@ -152,6 +152,7 @@ def main():
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     t_all = time.time()
 
+    python = interpreter()       # the commands printed below name it, so they run as pasted
     redo, skipped = args.force, []
     for name, script, flags in stage_commands(out, args):
         ckpt = os.path.join(out, f"{name}_{dim}.pth")
@@ -160,7 +161,7 @@ def main():
             skipped.append(name)
             continue
         redo = True  # everything after a re-run stage depends on it
-        print(f"\n== {name}: {interpreter()} {script} {shlex.join(flags)}", flush=True)
+        print(f"\n== {name}: {python} {script} {shlex.join(flags)}", flush=True)
         t0 = time.time()
         code = subprocess.run([sys.executable, script, *flags]).returncode
         if code != 0:  # the stage printed its own one-line error (or was stopped): add which stage, no traceback
@@ -215,7 +216,6 @@ def main():
     lines += ["", "## Held-out identity questions (greedy)", "", "| question | after SFT | after DPO |", "|---|---|---|"]
     for q, a, b in zip(identity_q, sft_ids, dpo_ids):
         lines.append(f"| {cell(q)} | {cell(a)} | {cell(b)} |")
-    python = interpreter()
     lines += ["", f"Total wall time of this run: {time.time() - t_all:.0f} s"
               + (f" ({', '.join(skipped)} skipped: up to date)" if skipped else "")
               + f". Loss curves: `{out}/demo_loss.png`.", "",
