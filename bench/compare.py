@@ -3,16 +3,19 @@
     python bench/compare.py main                       # main vs the working tree (uncommitted changes included)
     python bench/compare.py HEAD~3 HEAD --dim 128 --n_layers 4 --max_seq_len 256 --batch_size 16 --steps 20
     python bench/compare.py main --rounds 5 -- --compile      # anything after -- goes to train_throughput.py
+    python bench/compare.py HEAD HEAD --head_flags="--dtype bfloat16"    # one revision, two settings
 
 Every speed claim of this project is a ratio measured this way: one machine, one invocation, the two versions
 run in turns (A, B, A, B, ...) so that a busy neighbour or a warm-up slows both alike, and the median of the
 rounds is reported. Each revision is checked out with `git worktree add --detach` into a temporary folder
 (removed afterwards) and runs its own bench/train_throughput.py with the same flags; WORKTREE means the files
-as they are in this checkout.
+as they are in this checkout. --base_flags / --head_flags go to one side only: a setting (precision, compile)
+compared on one revision, or an old revision's default against a new one's option.
 """
 import argparse
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -66,23 +69,31 @@ def main():
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup_steps", type=int, default=2)
+    ap.add_argument("--base_flags", default="", help="more train_throughput.py flags for the base side only")
+    ap.add_argument("--head_flags", default="", help="more train_throughput.py flags for the head side only")
     args = ap.parse_args(argv)
     bench_args = [f"--{k}={getattr(args, k)}" for k in SHAPE_FLAGS] + extra
 
     with tempfile.TemporaryDirectory(prefix="tinymind-compare-") as tmp:
         try:
-            (base_dir, base_label), (head_dir, head_label) = checkout(args.base, tmp), checkout(args.head, tmp)
+            sides = []
+            for rev, flags in ((args.base, args.base_flags), (args.head, args.head_flags)):
+                folder, label = checkout(rev, tmp)
+                sides.append((folder, label + (f" {flags}" if flags else ""), shlex.split(flags)))
+            (_, base_label, _), (_, head_label, _) = sides
+            if base_label == head_label:
+                raise SystemExit("base and head are the same revision with the same flags: nothing to compare")
             runs = {base_label: [], head_label: []}
             for r in range(args.rounds):
-                for folder, label in ((base_dir, base_label), (head_dir, head_label)):
-                    runs[label].append(tokens_per_s(folder, bench_args))
+                for folder, label, flags in sides:
+                    runs[label].append(tokens_per_s(folder, bench_args + flags))
                     print(f"round {r + 1}/{args.rounds}  {label:40s} {runs[label][-1]:>12,.0f} tokens/s", flush=True)
         finally:
             for name in os.listdir(tmp):
                 subprocess.run(["git", "worktree", "remove", "--force", os.path.join(tmp, name)], cwd=ROOT,
                                capture_output=True)
     base_tps, head_tps = (statistics.median(runs[label]) for label in (base_label, head_label))
-    print(f"\nbenchmark: bench/train_throughput.py {' '.join(bench_args)} ({args.rounds} rounds, medians)")
+    print(f"\nbenchmark: bench/train_throughput.py {shlex.join(bench_args)} ({args.rounds} rounds, medians)")
     print("| revision | tokens/s | runs |\n|---|---|---|")
     for label, tps in ((base_label, base_tps), (head_label, head_tps)):
         print(f"| {label} | {tps:,.0f} | {', '.join(f'{t:,.0f}' for t in runs[label])} |")

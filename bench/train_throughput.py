@@ -6,7 +6,7 @@
 Model FLOPs per token = 6 * N (forward 2N, backward 4N for the N parameters' matmuls; the tied embedding
 matrix is counted once, as the output head) + 12 * n_layers * dim * T for attention's scores and weighted sum
 (the estimate of the PaLM paper, appendix B). MFU = achieved model FLOP/s / peak FLOP/s, where the peak comes
-from a table for known GPUs or, on CPU, from a float32 matmul measured here. Since nothing is padded in
+from a table for known GPUs or, on CPU, from a matmul in the run's dtype measured here. Since nothing is padded in
 pretraining, every token counted is a real one.
 """
 import argparse
@@ -34,18 +34,21 @@ GPU_PEAK = {
 }
 
 
-def measured_matmul_peak(device, dtype, n=2048, repeats=5):
-    """Best FLOP/s of an n x n x n matmul: what this machine can do at best, for MFU on CPU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+def measured_matmul_peak(device, dtype, sizes=(1024, 3072), repeats=5):
+    """Best FLOP/s of an n x n x n matmul over a few sizes: what this machine can do at best, for MFU on CPU.
+    Several sizes, because one can hit a slow case of the library (on an AVX512-BF16 CPU, bfloat16 at
+    n = 2048 ran at half the speed of n = 1024 or 3072)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(repeats + 1):
+            sync(device)
+            t = time.perf_counter()
+            a @ b
+            sync(device)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
 
 
 def sync(device):
@@ -59,8 +62,10 @@ def peak_flops(device, precision):
         for key, peaks in GPU_PEAK.items():
             if key in name:
                 return peaks[precision.name], f"{name} data sheet ({precision.name})"
-        return measured_matmul_peak(device, precision.dtype, 8192), f"measured {precision.name} matmul on {name}"
-    return measured_matmul_peak(device, torch.float32), f"measured float32 matmul, {torch.get_num_threads()} threads"
+        return measured_matmul_peak(device, precision.dtype, (8192,)), f"measured {precision.name} matmul on {name}"
+    # The run's own dtype: under --dtype bfloat16 the matmuls run in bfloat16, whose peak is another number.
+    return (measured_matmul_peak(device, precision.dtype),
+            f"measured {precision.name} matmul, {torch.get_num_threads()} threads")
 
 
 def main():
