@@ -3,6 +3,7 @@ Figures, not a test.
 
     python bench/packing_throughput.py                        # the demo's SFT shape and data
     python bench/packing_throughput.py --dim 256 --n_layers 8 --rounds 5
+    python bench/packing_throughput.py --dtype bfloat16      # under bfloat16 autocast, as --dtype bfloat16 trains
 
 Both variants train the same model from the same weights on the same micro-batches of the batch plan (the
 real loss function, backward and AdamW step); they run in turns (padded, packed, padded, ...) so a busy
@@ -47,6 +48,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each variant, in turns")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--stat_batches", type=int, default=300, help="micro-batches the padding share is counted on")
     args = ap.parse_args()
     keep_freed_cpu_memory()     # as the stage scripts do on CPU
@@ -78,7 +80,7 @@ def main():
     start = Transformer(cfg).state_dict()
     timed = [[collate(indices, pack) for indices in micro[1:1 + args.steps]] for pack in (False, True)]
     warm = [collate(micro[0], pack) for pack in (False, True)]
-    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")  # noqa: E731
 
     def run(pack):
         model = Transformer(cfg)
@@ -86,7 +88,7 @@ def main():
         optimizer = make_optimizer(model, 1e-4, 0.1, torch.device("cpu"))
 
         def step(batch):
-            loss, n, _ = language_model_loss(model, batch, no_autocast)
+            loss, n, _ = language_model_loss(model, batch, autocast)
             (loss / n).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -108,7 +110,7 @@ def main():
     med = {pack: statistics.median(u for u, _ in results[pack]) for pack in results}
     med_computed = {pack: statistics.median(c for _, c in results[pack]) for pack in results}
     print(f"model {cfg.dim} dim, {cfg.n_layers} layers, seq {cfg.max_seq_len}, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.dtype}")
     print(f"median useful tokens/s: padded {med[False]:,.0f}, packed {med[True]:,.0f}, ratio "
           f"{med[True] / med[False]:.2f}x")
     print(f"median computed tokens/s: padded {med_computed[False]:,.0f}, packed {med_computed[True]:,.0f} "

@@ -107,6 +107,20 @@ def test_precision_defaults_and_checks_on_cuda(monkeypatch):
         setup_precision("float16", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bfloat16_without_the_instructions_is_flagged(monkeypatch, native):
+    """float32 stays the CPU default either way (the same numbers on every CPU); --dtype bfloat16 on a CPU
+    without bfloat16 instructions says, on the start line, that it will be slow."""
+    from trainer import precision
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert precision.cpu_has_bfloat16() is native
+    assert setup_precision(None, cpu).describe() == "float32"
+    bf16 = setup_precision("bfloat16", cpu).describe()
+    assert bf16.startswith("autocast bfloat16 on cpu") and ("no bfloat16 instructions" in bf16) is not native
+
+
 def test_fused_adamw_on_cuda_and_cpu():
     model = torch.nn.Linear(4, 4)
     assert loop.make_optimizer(model, 1e-3, 0.1, torch.device("cuda", 0)).defaults["fused"] is True
