@@ -112,6 +112,7 @@ def test_cpu_bfloat16_without_the_instructions_is_flagged(monkeypatch, native):
     """float32 stays the CPU default either way (the same numbers on every CPU); --dtype bfloat16 on a CPU
     without bfloat16 instructions says, on the start line, that it will be slow."""
     from trainer import precision
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")
@@ -119,6 +120,9 @@ def test_cpu_bfloat16_without_the_instructions_is_flagged(monkeypatch, native):
     assert setup_precision(None, cpu).describe() == "float32"
     bf16 = setup_precision("bfloat16", cpu).describe()
     assert bf16.startswith("autocast bfloat16 on cpu") and ("no bfloat16 instructions" in bf16) is not native
+    monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")   # not checked there: no claim
+    assert precision.cpu_has_bfloat16() is None
+    assert "instructions" not in setup_precision("bfloat16", cpu).describe()
 
 
 def test_fused_adamw_on_cuda_and_cpu():

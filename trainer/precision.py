@@ -4,6 +4,7 @@ Weights and optimizer state always stay float32 ("master weights"). With --dtype
 and backward run under torch.autocast in that dtype. float16's narrow range makes small gradients underflow,
 so it needs loss scaling (GradScaler); bfloat16 has float32's range and needs none."""
 import contextlib
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +33,16 @@ class Precision:
             return "float32 (TF32 matmuls)" if self.device_type == "cuda" else "float32"
         scaler = ", GradScaler on" if self.dtype == torch.float16 else ""
         emulated = (" (this CPU has no bfloat16 instructions: expect it to be slower than float32)"
-                    if self.device_type == "cpu" and not cpu_has_bfloat16() else "")
+                    if self.device_type == "cpu" and cpu_has_bfloat16() is False else "")
         return f"autocast {self.name} on {self.device_type}, float32 master weights{scaler}{emulated}"
 
 
 def cpu_has_bfloat16():
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16, or Intel's AMX tiles). Without them the
-    bfloat16 matmuls take a slower path, and a bfloat16 step was slower than a float32 one (on an AVX2 EPYC)."""
+    """Whether this x86 CPU multiplies bfloat16 natively (AVX512-BF16, or Intel's AMX tiles). Without them the
+    bfloat16 matmuls take a slower path, and a bfloat16 step was slower than a float32 one (on an AVX2 EPYC).
+    None on other CPUs (ARM has bfloat16 extensions of its own, not checked here)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
