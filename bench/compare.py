@@ -69,8 +69,9 @@ def main():
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup_steps", type=int, default=2)
-    ap.add_argument("--base_flags", default="", help="more train_throughput.py flags for the base side only")
-    ap.add_argument("--head_flags", default="", help="more train_throughput.py flags for the head side only")
+    ap.add_argument("--base_flags", default="", help="more train_throughput.py flags for the base side only; write it with = "
+                    "(--base_flags=--compile), or argparse takes the value for a flag of its own")
+    ap.add_argument("--head_flags", default="", help="the same for the head side (--head_flags=\"--dtype bfloat16\")")
     args = ap.parse_args(argv)
     bench_args = [f"--{k}={getattr(args, k)}" for k in SHAPE_FLAGS] + extra
 

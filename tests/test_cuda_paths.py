@@ -1,5 +1,5 @@
 """Every CUDA-only branch of the trainer, on a machine without a GPU: torch.cuda is faked (monkeypatch) and we
-check what WOULD be called. The fakes behave like PyTorch where it matters: set_device rejects a device
+check what WOULD be called. The CPU's own hardware checks (bfloat16 instructions) are faked here too. The fakes behave like PyTorch where it matters: set_device rejects a device
 without an index, exactly as torch.cuda.set_device does ("Expected a torch.device with a specified index")."""
 import pytest
 import torch
@@ -120,6 +120,9 @@ def test_cpu_bfloat16_without_the_instructions_is_flagged(monkeypatch, native):
     assert setup_precision(None, cpu).describe() == "float32"
     bf16 = setup_precision("bfloat16", cpu).describe()
     assert bf16.startswith("autocast bfloat16 on cpu") and ("no bfloat16 instructions" in bf16) is not native
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)   # Intel's AMX alone is enough
+    assert precision.cpu_has_bfloat16() and "instructions" not in setup_precision("bfloat16", cpu).describe()
     monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")   # not checked there: no claim
     assert precision.cpu_has_bfloat16() is None
     assert "instructions" not in setup_precision("bfloat16", cpu).describe()

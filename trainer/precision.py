@@ -50,9 +50,9 @@ def setup_precision(dtype_arg, device):
     """--dtype float32|bfloat16|float16, or None for the default: bfloat16 on a GPU that supports it, float32
     otherwise. On a CPU float32 stays the default even where bfloat16 is native (AVX512-BF16, AMX): there it made
     pretraining-shaped steps faster (bench/compare.py on an AVX512-BF16 EPYC: 1.23x at dim 128, 1.83x at 26M,
-    1.86x at 104M parameters) but the demo's packed SFT steps 1.3-1.6x slower (a packed row has a new length,
-    so new matmul shapes, every step; README, "bfloat16 on a CPU that has it"), and float32 gives the same
-    numbers on every CPU."""
+    1.86x at 104M parameters) but the demo's packed SFT steps 1.3-1.5x slower (partly new matmul shapes: a
+    packed row has a new length every step; README, "bfloat16 on a CPU that has it"), and float32 gives the
+    same numbers on every CPU."""
     if device.type == "cuda":
         # TF32 tensor cores for the float32 matmuls that remain (10-bit mantissa, float32's range): free speed on
         # Ampere and later. "high" is the documented switch (torch.set_float32_matmul_precision).
