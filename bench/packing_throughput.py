@@ -10,6 +10,9 @@ real loss function, backward and AdamW step); they run in turns (padded, packed,
 neighbour slows both alike, and the median of the rounds is reported. Useful tokens are the conversations'
 own tokens; everything else a row holds is padding. The padding share is also counted over --stat_batches
 micro-batches (collation only, no model), a steadier figure than the few timed ones.
+Every round replays the same batches: under --dtype bfloat16 the first round pays for oneDNN meeting each
+matmul shape for the first time (5,927 vs 9,751-9,987 useful tokens/s in later rounds, demo shape), which a
+training run, whose packed rows change length every step, pays all the time. The median hides it.
 """
 import argparse
 import os
