@@ -43,6 +43,14 @@ def checkout(rev, tmp):
     return path, f"{rev} ({sha[:7]})"
 
 
+def flag_list(text):
+    """--base_flags / --head_flags: a shell-quoted string of flags -> their list (a bad quote is one line)."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}; quote it as a shell would") from None
+
+
 def tokens_per_s(folder, bench_args):
     """Run one revision's benchmark once; its 'throughput  N tokens/s' line."""
     script = os.path.join(folder, "bench", "train_throughput.py")
@@ -69,9 +77,11 @@ def main():
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup_steps", type=int, default=2)
-    ap.add_argument("--base_flags", default="", help="more train_throughput.py flags for the base side only; write it with = "
-                    "(--base_flags=--compile), or argparse takes the value for a flag of its own")
-    ap.add_argument("--head_flags", default="", help="the same for the head side (--head_flags=\"--dtype bfloat16\")")
+    ap.add_argument("--base_flags", default="", type=flag_list,
+                    help="more train_throughput.py flags for the base side only; write it with = "
+                         "(--base_flags=--compile), or argparse takes the value for a flag of its own")
+    ap.add_argument("--head_flags", default="", type=flag_list,
+                    help="the same for the head side (--head_flags=\"--dtype bfloat16\")")
     args = ap.parse_args(argv)
     bench_args = [f"--{k}={getattr(args, k)}" for k in SHAPE_FLAGS] + extra
 
@@ -80,7 +90,7 @@ def main():
             sides = []
             for rev, flags in ((args.base, args.base_flags), (args.head, args.head_flags)):
                 folder, label = checkout(rev, tmp)
-                sides.append((folder, label + (f" {flags}" if flags else ""), shlex.split(flags)))
+                sides.append((folder, label + (f" {shlex.join(flags)}" if flags else ""), flags))
             (_, base_label, _), (_, head_label, _) = sides
             if base_label == head_label:
                 raise SystemExit("base and head are the same revision with the same flags: nothing to compare")

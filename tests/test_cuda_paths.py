@@ -1,6 +1,7 @@
 """Every CUDA-only branch of the trainer, on a machine without a GPU: torch.cuda is faked (monkeypatch) and we
-check what WOULD be called. The CPU's own hardware checks (bfloat16 instructions) are faked here too. The fakes behave like PyTorch where it matters: set_device rejects a device
-without an index, exactly as torch.cuda.set_device does ("Expected a torch.device with a specified index")."""
+check what WOULD be called; the CPU's own hardware checks (bfloat16 instructions) are faked here too. The fakes
+behave like PyTorch where it matters: set_device rejects a device without an index, exactly as
+torch.cuda.set_device does ("Expected a torch.device with a specified index")."""
 import pytest
 import torch
 
