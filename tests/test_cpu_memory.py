@@ -1,6 +1,10 @@
 """trainer/setup.py keep_freed_cpu_memory: a training step's freed tensors leave their pages to the next
 step's, instead of handing them back to the OS to be faulted in again. Counted in minor page faults (one per
-new 4 KiB page touched) over steady-state steps of a fresh process: with glibc's defaults, then after the call."""
+new 4 KiB page touched) over steady-state steps of a fresh process: with glibc's defaults, then after the call.
+The probe turns transparent huge pages off for itself: where the kernel maps all memory with them
+(/sys/kernel/mm/transparent_hugepage/enabled = always) one fault maps 2 MiB, and a CI machine counted 405
+faults per step with glibc's defaults instead of 4,400-13,000 (simulated here: GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+gave 12-17 per step, and 4,450-12,800 with the probe's prctl)."""
 import os
 import platform
 import subprocess
@@ -10,7 +14,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTS_PER_STEP = """
-import resource, sys, torch
+import ctypes, resource, sys
+PR_SET_THP_DISABLE = 41                           # linux/prctl.h: this process gets 4 KiB pages only
+assert ctypes.CDLL(None).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
+import torch
 from model import ModelConfig, Transformer
 from trainer.losses import chunked_next_token_loss
 from trainer.setup import keep_freed_cpu_memory
