@@ -2,9 +2,9 @@
 step's, instead of handing them back to the OS to be faulted in again. Counted in minor page faults (one per
 new 4 KiB page touched) over steady-state steps of a fresh process: with glibc's defaults, then after the call.
 The probe turns transparent huge pages off for itself: where the kernel maps all memory with them
-(/sys/kernel/mm/transparent_hugepage/enabled = always) one fault maps 2 MiB, and a CI machine counted 405
-faults per step with glibc's defaults instead of 4,400-13,000 (simulated here: GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-gave 12-17 per step, and 4,450-12,800 with the probe's prctl)."""
+(/sys/kernel/mm/transparent_hugepage/enabled = always) one fault maps 2 MiB. A CI machine counted 405 faults
+per step with glibc's defaults instead of 4,400-13,000, which huge pages explain: simulated here with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, 12-17 per step; with the probe's prctl as well, 4,450-12,800."""
 import os
 import platform
 import subprocess
