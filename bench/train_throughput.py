@@ -122,6 +122,10 @@ def main():
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+    # On a shared CPU the matmul peak drifts with the neighbours' load (0.147 to 0.172 TFLOP/s on one machine in
+    # two sessions): it is measured before the warm-up and again after the timed steps, and MFU divides by the
+    # higher of the two, so a slow moment of the peak measurement cannot flatter it.
+    peak_before, _ = peak_flops(device, precision)
     for _ in range(args.warmup_steps):
         train_step()
     if device.type == "cuda":
@@ -138,7 +142,10 @@ def main():
     tokens_per_s = B * T / seconds
     flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.dim * T
     achieved = flops_per_token * tokens_per_s
-    peak, peak_source = peak_flops(device, precision)
+    peak_after, peak_source = peak_flops(device, precision)
+    peak = max(peak_before, peak_after)
+    if device.type == "cpu":
+        peak_source += f"; before {peak_before / 1e12:.3f}, after {peak_after / 1e12:.3f}, the higher"
     if device.type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max allocated)"
     else:
