@@ -1,4 +1,4 @@
-"""How fast could a training step be if it did nothing but its matrix multiplications? Figures, not a test.
+"""How fast could a training step be if it did nothing but its matmuls? CPU, float32. Figures, not a test.
 
     python bench/matmul_bound.py                          # the 104M shape (dim 768, 16 layers, 2 x 512), float32
     python bench/matmul_bound.py --dim 128 --n_layers 4 --n_heads 4 --max_seq_len 256 --batch_size 16   # demo
@@ -52,7 +52,9 @@ class RecordKernels(TorchDispatchMode):
 
 def replay(calls, tensors):
     """Seconds the recorded calls take alone. Inputs are made before each call's clock starts, small random
-    values (the attention backward's log-sum-exp included: its values do not change the work)."""
+    values (the attention backward's log-sum-exp included: its values do not change the work). Calls of one
+    layout share their inputs, which may then sit in cache: if anything that flatters the kernels, as a bound
+    should."""
     def make(a):
         if not (isinstance(a, tuple) and a and a[0] == "tensor"):
             return a
@@ -113,15 +115,14 @@ def main():
 
     flops = (6 * model.num_parameters() + 12 * cfg.n_layers * cfg.dim * T) * B * T   # as train_throughput.py
     step_s, kernel_s, peak = min(steps), min(kernels), max(peaks)
-    rounds = lambda values, scale: ", ".join(f"{v * scale:,.0f}" for v in values)
+    ms = lambda values: ", ".join(f"{v * 1000:,.0f}" for v in values)
+    mfu = lambda seconds: f"{B * T / seconds:,.0f} tokens/s, MFU {100 * flops / seconds / peak:.1f}%"
+    n_attention = sum(f.__name__.startswith("_scaled") for f, _, _ in recorder.calls)
     print(f"model        {model.num_parameters() / 1e6:.2f}M parameters, dim {cfg.dim}, {cfg.n_layers} layers, "
           f"seq {T}, batch {B}, float32, {torch.get_num_threads()} threads; best of {args.rounds} rounds")
-    print(f"kernels      {len(recorder.calls)} calls per step "
-          f"({sum(f.__name__.startswith('_scaled') for f, _, _ in recorder.calls)} of them attention)")
-    print(f"step         {step_s * 1000:,.1f} ms  ({B * T / step_s:,.0f} tokens/s, MFU {100 * flops / step_s / peak:.1f}%)"
-          f"  rounds: {rounds(steps, 1000)} ms")
-    print(f"kernels only {kernel_s * 1000:,.1f} ms  ({B * T / kernel_s:,.0f} tokens/s, MFU "
-          f"{100 * flops / kernel_s / peak:.1f}%: the bound)  rounds: {rounds(kernels, 1000)} ms")
+    print(f"kernels      {len(recorder.calls)} calls per step ({n_attention} of them attention)")
+    print(f"step         {step_s * 1000:,.1f} ms  ({mfu(step_s)})  rounds: {ms(steps)} ms")
+    print(f"kernels only {kernel_s * 1000:,.1f} ms  ({mfu(kernel_s)}: the bound)  rounds: {ms(kernels)} ms")
     print(f"the rest     {(step_s - kernel_s) * 1000:,.1f} ms ({100 * (step_s - kernel_s) / step_s:.1f}% of the step)")
     print(f"peak         {peak / 1e12:.3f} TFLOP/s (square float32 matmul)  rounds: "
           f"{', '.join(f'{p / 1e12:.3f}' for p in peaks)}")

@@ -8,6 +8,8 @@ Prints the step time split into its three phases, the share of the time spent in
 (mm/addmm/bmm and the attention kernel) against everything else, and the top operators by self CPU time.
 --rev checks the revision out with `git worktree` (as bench/compare.py does) and profiles ITS model, optimizer
 and loss with this script, so a before/after table compares code, not benchmarks.
+The profiler inflates small element-wise ops several-fold (the 104M step's SwiGLU product: 8 ms a call profiled,
+0.96 ms timed), so read its shares as where to look; bench/matmul_bound.py measures the non-matmul time unprofiled.
 """
 import argparse
 import os
