@@ -1,22 +1,22 @@
 """How fast could a training step be if it did nothing but its matmuls? CPU, float32. Figures, not a test.
 
-    python bench/matmul_bound.py                          # the 104M shape (dim 768, 16 layers, 2 x 512), float32
+    python bench/matmul_bound.py                          # the 104M shape (dim 768, 16 layers, 2 x 512)
     python bench/matmul_bound.py --dim 128 --n_layers 4 --n_heads 4 --max_seq_len 256 --batch_size 16   # demo
 
-Records every matmul and attention-kernel call of one training step (forward, backward, through a
-TorchDispatchMode: the operator and its tensors' shapes and strides), then replays those calls alone, on random
-tensors of the same layouts, timing each. Their sum is the step's time with all the rest (norms, RoPE, SiLU,
-softmax, AdamW, allocation) at zero cost: an upper bound on what removing non-matmul work can give, and
-with it on MFU, which no eager change short of faster kernels can pass. No profiler: torch.profiler inflates
-small element-wise ops several-fold (the 104M step's SwiGLU product: 8 ms profiled, 0.96 ms timed).
-
-On a shared CPU every figure drifts with the neighbours' load (on one 2-core machine, within an hour: steps
-5.0-6.8 s, the peak 0.140-0.189 TFLOP/s), so the script measures in rounds, in turns: the real step, the
-replayed kernels, the square-matmul peak (bench/train_throughput.py's), and compares the best of each, since
-a neighbour can only slow a run down. Every round is printed too.
+Times every matmul and attention-kernel call inside real training steps (forward, backward, through a
+TorchDispatchMode: a clock around each such call) and compares their sum with the step's wall time. The sum
+is the step with all the rest (norms, RoPE, SiLU, softmax, AdamW, allocation, Python) at zero cost: an upper
+bound on what removing non-matmul work can give, and with it on MFU, which no eager change short of faster
+kernels can pass. "The rest" is each timed step's wall time minus its kernels' time: both come from the same
+step, so the load of the other tenants of a shared CPU (which moves a step by 20% from one minute to the
+next) slows both alike. It includes the mode's own cost, a Python call per operator, which the script
+estimates from untimed steps run in turns with the timed ones (4-7% of the demo step, under 1% at 104M).
+No profiler: torch.profiler inflates small element-wise ops several-fold (the 104M step's SwiGLU product:
+8 ms a call profiled, 0.96 ms timed).
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -36,38 +36,22 @@ KERNELS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.d
            aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
 
 
-class RecordKernels(TorchDispatchMode):
-    """Every call of a KERNELS operator: (operator, arguments with each tensor replaced by its layout)."""
+class TimeKernels(TorchDispatchMode):
+    """Seconds spent in KERNELS operators while the mode is on, and each call: (operator, its tensors' shapes)."""
 
     def __init__(self):
         super().__init__()
+        self.seconds = 0.0
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in KERNELS:
-            layout = lambda a: ("tensor", a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
-            self.calls.append((func, [layout(a) for a in args], {k: layout(v) for k, v in (kwargs or {}).items()}))
-        return func(*args, **(kwargs or {}))
-
-
-def replay(calls, tensors):
-    """Seconds the recorded calls take alone. Inputs are made before each call's clock starts, small random
-    values (the attention backward's log-sum-exp included: its values do not change the work). Calls of one
-    layout share their inputs, which may then sit in cache: if anything that flatters the kernels, as a bound
-    should."""
-    def make(a):
-        if not (isinstance(a, tuple) and a and a[0] == "tensor"):
-            return a
-        if a not in tensors:
-            tensors[a] = torch.empty_strided(a[1], a[2], dtype=a[3]).normal_(0, 0.1)
-        return tensors[a]
-    total = 0.0
-    for func, args, kwargs in calls:
-        args, kwargs = [make(a) for a in args], {k: make(v) for k, v in kwargs.items()}
+        if func not in KERNELS:
+            return func(*args, **(kwargs or {}))
         t = time.perf_counter()
-        func(*args, **kwargs)
-        total += time.perf_counter() - t
-    return total
+        out = func(*args, **(kwargs or {}))
+        self.seconds += time.perf_counter() - t
+        self.calls.append((func, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+        return out
 
 
 def main():
@@ -78,7 +62,7 @@ def main():
     ap.add_argument("--n_kv_heads", type=int, default=2)
     ap.add_argument("--max_seq_len", type=int, default=512)
     ap.add_argument("--batch_size", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5, help="rounds of (step, replay, peak), in turns")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
     ap.add_argument("--warmup_steps", type=int, default=3)
     args = ap.parse_args()
 
@@ -100,32 +84,34 @@ def main():
 
     for _ in range(args.warmup_steps):
         step()
-    recorder = RecordKernels()
-    with recorder:
-        step()
-    tensors = {}
-    replay(recorder.calls, tensors)          # first touch of the replay's inputs, untimed
-    steps, kernels, peaks = [], [], []
-    for _ in range(args.rounds):
+    walls, kernels, plain = [], [], []
+    for _ in range(args.steps):
         t = time.perf_counter()
-        step()
-        steps.append(time.perf_counter() - t)
-        kernels.append(replay(recorder.calls, tensors))
-        peaks.append(measured_matmul_peak(torch.device("cpu"), torch.float32))
+        step()                                      # the step as it runs, without the timer's cost
+        plain.append(time.perf_counter() - t)
+        timer = TimeKernels()
+        with timer:
+            t = time.perf_counter()
+            step()
+            walls.append(time.perf_counter() - t)
+        kernels.append(timer.seconds)
+    peak = measured_matmul_peak(torch.device("cpu"), torch.float32)
 
     flops = (6 * model.num_parameters() + 12 * cfg.n_layers * cfg.dim * T) * B * T   # as train_throughput.py
-    step_s, kernel_s, peak = min(steps), min(kernels), max(peaks)
-    ms = lambda values: ", ".join(f"{v * 1000:,.0f}" for v in values)
+    wall, timed, kernel = statistics.median(plain), statistics.median(walls), statistics.median(kernels)
+    rest = [1 - k / w for w, k in zip(walls, kernels)]      # within each timed step: the timer's cost included
     mfu = lambda seconds: f"{B * T / seconds:,.0f} tokens/s, MFU {100 * flops / seconds / peak:.1f}%"
-    n_attention = sum(f.__name__.startswith("_scaled") for f, _, _ in recorder.calls)
+    n_attention = sum(f.__name__.startswith("_scaled") for f, _ in timer.calls)
     print(f"model        {model.num_parameters() / 1e6:.2f}M parameters, dim {cfg.dim}, {cfg.n_layers} layers, "
-          f"seq {T}, batch {B}, float32, {torch.get_num_threads()} threads; best of {args.rounds} rounds")
-    print(f"kernels      {len(recorder.calls)} calls per step ({n_attention} of them attention)")
-    print(f"step         {step_s * 1000:,.1f} ms  ({mfu(step_s)})  rounds: {ms(steps)} ms")
-    print(f"kernels only {kernel_s * 1000:,.1f} ms  ({mfu(kernel_s)}: the bound)  rounds: {ms(kernels)} ms")
-    print(f"the rest     {(step_s - kernel_s) * 1000:,.1f} ms ({100 * (step_s - kernel_s) / step_s:.1f}% of the step)")
-    print(f"peak         {peak / 1e12:.3f} TFLOP/s (square float32 matmul)  rounds: "
-          f"{', '.join(f'{p / 1e12:.3f}' for p in peaks)}")
+          f"seq {T}, batch {B}, float32, {torch.get_num_threads()} threads; medians of {args.steps} steps")
+    print(f"kernels      {len(timer.calls)} calls per step ({n_attention} of them attention)")
+    print(f"step         {wall * 1000:,.1f} ms  ({mfu(wall)})")
+    print(f"its kernels  {kernel * 1000:,.1f} ms  ({mfu(kernel)}: the bound), timed in steps run in turns under "
+          f"the timer ({timed * 1000:,.1f} ms: the timer's own cost is {(timed - wall) * 1000:,.1f} ms)")
+    print(f"the rest     {100 * statistics.median(rest):.1f}% of a timed step, the timer's cost included (per step: "
+          f"{', '.join(f'{100 * r:.1f}%' for r in rest)}); a step of kernels alone would be "
+          f"{wall / kernel:.2f}x as fast")
+    print(f"peak         {peak / 1e12:.3f} TFLOP/s (square float32 matmul, measured after the steps)")
 
 if __name__ == "__main__":
     main()
