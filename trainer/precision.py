@@ -51,7 +51,7 @@ def setup_precision(dtype_arg, device):
     otherwise. On a CPU float32 stays the default even where bfloat16 is native (AVX512-BF16, AMX): there it made
     pretraining-shaped steps faster (bench/compare.py on an AVX512-BF16 EPYC: 1.23x at dim 128, 1.83x at 26M,
     1.86x at 104M parameters) but the demo's packed SFT steps 1.3-1.5x slower (mostly new matmul shapes: a
-    packed row has a new length every step; README, "bfloat16 on a CPU that has it"), and float32 gives the
+    packed row has a new length every step; docs/speed.md, "bfloat16 on a CPU that has it"), and float32 gives the
     same numbers on every CPU."""
     if device.type == "cuda":
         # TF32 tensor cores for the float32 matmuls that remain (10-bit mantissa, float32's range): free speed on
