@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.train_throughput import measured_matmul_peak  # noqa: E402
+from bench.train_throughput import add_shape_flags, measured_matmul_peak  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from trainer.loop import make_optimizer  # noqa: E402
 from trainer.losses import chunked_next_token_loss  # noqa: E402
@@ -74,12 +74,7 @@ def print_slowest_matmuls(calls, top):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--n_layers", type=int, default=16)
-    ap.add_argument("--n_heads", type=int, default=8)
-    ap.add_argument("--n_kv_heads", type=int, default=2)
-    ap.add_argument("--max_seq_len", type=int, default=512)
-    ap.add_argument("--batch_size", type=int, default=2)
+    add_shape_flags(ap)
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
     ap.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first (first allocations)")
     ap.add_argument("--top", type=int, default=8, help="matmul shapes listed")

@@ -68,14 +68,20 @@ def peak_flops(device, precision):
             f"measured {precision.name} matmul, {torch.get_num_threads()} threads")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_flags(ap):
+    """The model and batch shape, the 104M one by default: the flags bench/compare.py passes to both revisions
+    (keep their names), shared with bench/matmul_bound.py."""
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--n_layers", type=int, default=16)
     ap.add_argument("--n_heads", type=int, default=8)
     ap.add_argument("--n_kv_heads", type=int, default=2)
     ap.add_argument("--max_seq_len", type=int, default=512)
     ap.add_argument("--batch_size", type=int, default=2)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_flags(ap)
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup_steps", type=int, default=3,
                     help="untimed steps first (compile; allocation: on CPU at the 104M shape the 2nd and 3rd steps "
